@@ -1,0 +1,514 @@
+"""Loading Stable Diffusion pipelines: the only module that imports diffusers and transformers.
+
+diffusers removed its Flax pipeline in 0.40 and transformers its Flax CLIP in 5.0. Keeping every
+import of them here means that owning the model code later is a change to this file alone.
+
+Sources a user can name with `model=`:
+- `"tiny"`: a built-in, deterministic, random miniature pipeline written to disk in diffusers' Flax
+  layout and then loaded through exactly the same code path as a real model;
+- a local folder in diffusers' Flax layout (`model_index.json`, `unet/`, `vae/`, ...);
+- a Hugging Face Hub id such as `CompVis/stable-diffusion-v1-4`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .errors import ModelLoadError, SDMagicError
+from .quiet import silence_upstream_noise
+
+# Importing diffusers creates its logging handlers; the noise filter goes on them straight after.
+import diffusers  # noqa: E402
+import transformers  # noqa: E402
+
+silence_upstream_noise()
+
+from diffusers import (  # noqa: E402
+    FlaxAutoencoderKL,
+    FlaxDDIMScheduler,
+    FlaxDPMSolverMultistepScheduler,
+    FlaxLMSDiscreteScheduler,
+    FlaxPNDMScheduler,
+    FlaxStableDiffusionPipeline,
+    FlaxUNet2DConditionModel,
+)
+from diffusers.pipelines.stable_diffusion.safety_checker_flax import (  # noqa: E402
+    FlaxStableDiffusionSafetyChecker,
+    FlaxStableDiffusionSafetyCheckerModule,
+)
+from transformers import (  # noqa: E402
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    FlaxCLIPTextModel,
+)
+
+DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+TINY = "tiny"
+
+SCHEDULERS = {
+    "pndm": FlaxPNDMScheduler,
+    "ddim": FlaxDDIMScheduler,
+    "lms": FlaxLMSDiscreteScheduler,
+    "dpm": FlaxDPMSolverMultistepScheduler,  # DPM-Solver++ multistep
+}
+_SCHEDULER_NAMES = {cls.__name__: name for name, cls in SCHEDULERS.items()}
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
+
+# Flax weight file names in diffusers' layout, per component library.
+_FLAX_WEIGHTS = {"diffusers": "diffusion_flax_model.msgpack", "transformers": "flax_model.msgpack"}
+_WEIGHTLESS = {"tokenizer", "scheduler", "feature_extractor"}
+
+_UPSTREAM_VERSIONS = f"diffusers {diffusers.__version__}, transformers {transformers.__version__}"
+
+
+def resolve_dtype(name: str | None, backend: str) -> str:
+    """The dtype name to load with: bfloat16 on accelerators, float32 on CPU, unless given."""
+    if name is None:
+        return "float32" if backend == "cpu" else "bfloat16"
+    if name not in DTYPES:
+        raise SDMagicError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return name
+
+
+def check_scheduler_name(name: str | None) -> None:
+    if name is not None and name not in SCHEDULERS:
+        raise SDMagicError(
+            f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULERS)} (dpm = DPM-Solver++ multistep),"
+            " or leave it out for the model's own"
+        )
+
+
+class SafetyCheckerModule(FlaxStableDiffusionSafetyCheckerModule):
+    """diffusers' Flax safety checker with its cosine distance fixed for current JAX.
+
+    Upstream calls `jnp.clip(..., a_min=...)`, which JAX removed, so the upstream module cannot run
+    at all on jax 0.10. Same parameters, same thresholds, same arithmetic otherwise.
+    """
+
+    def __call__(self, clip_input):
+        pooled_output = self.vision_model(clip_input)[1]
+        image_embeds = self.visual_projection(pooled_output)
+        special_cos_dist = _cosine_distance(image_embeds, self.special_care_embeds)
+        cos_dist = _cosine_distance(image_embeds, self.concept_embeds)
+        special_scores = jnp.round(special_cos_dist - self.special_care_embeds_weights[None, :], 3)
+        is_special_care = jnp.any(special_scores > 0, axis=1, keepdims=True)
+        # A lower threshold for every concept once any special-care concept is present.
+        concept_scores = jnp.round(cos_dist - self.concept_embeds_weights[None, :] + is_special_care * 0.01, 3)
+        return jnp.any(concept_scores > 0, axis=1)
+
+
+class SafetyChecker(FlaxStableDiffusionSafetyChecker):
+    """Loads the same files as diffusers' class, with the module that runs on current JAX."""
+
+    module_class = SafetyCheckerModule
+
+
+def _cosine_distance(emb_1, emb_2, eps=1e-12):
+    norm_1 = emb_1 / jnp.clip(jnp.linalg.norm(emb_1, axis=1), min=eps)[:, None]
+    norm_2 = emb_2 / jnp.clip(jnp.linalg.norm(emb_2, axis=1), min=eps)[:, None]
+    return norm_1 @ norm_2.T
+
+
+@dataclass
+class LoadedModel:
+    """A pipeline's modules with host-side parameters, ready to be placed on devices."""
+
+    name: str
+    source: str  # the folder it was read from
+    pipeline: Any  # FlaxStableDiffusionPipeline: modules, tokenizer, configs
+    # Host arrays: unet, vae, text_encoder, (safety_checker); the scheduler state is kept apart.
+    # A Session sets this to None once the parameters are on the devices.
+    params: dict | None
+    scheduler: Any
+    scheduler_state: Any
+    scheduler_name: str
+    dtype: str
+    load_seconds: float
+    feature_extractor: Any = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def has_safety_checker(self) -> bool:
+        return "safety_checker" in self.params
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.pipeline.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this: the VAE's factor times the UNet's downsampling.
+
+        Flax's UNet upsamples by exactly 2 and concatenates skip connections, so a latent side that
+        does not halve cleanly through every down block fails; unlike PyTorch there is no resize.
+        """
+        downsamples = len(self.pipeline.unet.config.block_out_channels) - 1
+        return self.vae_scale_factor * 2**downsamples
+
+    @property
+    def default_size(self) -> int:
+        return int(self.pipeline.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.pipeline.unet.config.in_channels)
+
+    @property
+    def max_tokens(self) -> int:
+        return int(self.pipeline.tokenizer.model_max_length)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Resolving what the user named
+# ----------------------------------------------------------------------------------------------
+
+
+def _looks_like_path(model: str) -> bool:
+    """A Hub id is `name` or `owner/name`; anything else with path syntax is meant as a folder."""
+    return (
+        model.startswith((".", "/", "~"))
+        or "\\" in model
+        or model.count("/") > 1
+        or os.path.isabs(model)
+    )
+
+
+def _model_index(folder: Path) -> dict:
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise ModelLoadError(
+            f"model folder {str(folder)!r} has no model_index.json: point --model at a diffusers-layout"
+            " folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+        )
+    try:
+        return json.loads(index_file.read_text())
+    except ValueError as err:
+        raise ModelLoadError(f"model folder {str(folder)!r} has a broken model_index.json ({err})") from None
+
+
+def check_model_folder(folder: Path, *, safety_checker: bool) -> None:
+    """Fail early, in one line, when a local folder lacks a part diffusers would need."""
+    index = _model_index(folder)
+    needed = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+    if safety_checker:
+        needed += [name for name in ("safety_checker", "feature_extractor") if (index.get(name) or [None])[0]]
+    for part in needed:
+        entry = index.get(part)
+        if not entry or entry[0] is None:
+            raise ModelLoadError(f"model folder {str(folder)!r} has no {part} in model_index.json")
+        library = entry[0]
+        part_dir = folder / part
+        if not part_dir.is_dir():
+            raise ModelLoadError(f"model folder {str(folder)!r} lacks {part}/: copy the whole pipeline folder")
+        if part in _WEIGHTLESS:
+            continue
+        weights = _FLAX_WEIGHTS.get(library if library in _FLAX_WEIGHTS else "transformers")
+        if not (part_dir / weights).is_file():
+            present = sorted(p.name for p in part_dir.iterdir())
+            raise ModelLoadError(
+                f"model folder {str(folder)!r} has no Flax weights in {part}/ (expected {weights}, found"
+                f" {', '.join(present) or 'nothing'}): use a Flax revision of the model, e.g. --revision flax"
+            )
+
+
+def _hub_error(model: str, revision: str | None, err: Exception) -> ModelLoadError:
+    """Translate huggingface_hub's exceptions into one line that says what to do."""
+    from huggingface_hub import errors as hub_errors
+
+    rev = f" (revision {revision!r})" if revision else ""
+    if isinstance(err, hub_errors.GatedRepoError):
+        return ModelLoadError(
+            f"{model!r} is gated: accept its licence on its Hub page, then log in"
+            " (`huggingface-cli login`, `notebook_login()` or HF_TOKEN) and run %sd_setup again"
+        )
+    if isinstance(err, hub_errors.RevisionNotFoundError):
+        return ModelLoadError(f"{model!r} has no revision {revision!r} on the Hub: check --revision")
+    if isinstance(err, hub_errors.RepositoryNotFoundError):
+        return ModelLoadError(
+            f"{model!r} was not found on the Hub{rev}: check the id, log in if it is private"
+            " (`huggingface-cli login`), use a local folder, or --model tiny offline"
+        )
+    if isinstance(err, (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled)) or _is_network_error(err):
+        return ModelLoadError(
+            f"could not reach the Hugging Face Hub for {model!r}{rev} and it is not in the local cache:"
+            " connect to the internet, use a local folder, or --model tiny offline"
+        )
+    if isinstance(err, hub_errors.EntryNotFoundError):
+        return ModelLoadError(f"{model!r}{rev} is missing a file sdmagic needs ({err}): try --revision flax")
+    if isinstance(err, OSError):
+        return ModelLoadError(f"could not load {model!r}{rev}: {str(err).splitlines()[0]}")
+    raise err
+
+
+def _is_network_error(err: Exception) -> bool:
+    try:
+        import requests
+    except ImportError:  # pragma: no cover - huggingface_hub<1.0 depends on requests
+        return False
+    return isinstance(err, (requests.ConnectionError, requests.Timeout))
+
+
+def _fetch_from_hub(model: str, revision: str | None) -> Path:
+    """Download (or find in the cache) the Flax files of a Hub pipeline; returns the snapshot folder."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        index = json.loads(
+            Path(_hub_file(model, "model_index.json", revision)).read_text()
+        )
+        folders = [k for k in index if not k.startswith("_")]
+        allow = [f"{name}/*" for name in folders] + ["model_index.json"]
+        # Only Flax weights: PyTorch pickles are never fetched, let alone opened.
+        ignore = ["*.bin", "*.safetensors", "*.ckpt", "*.pt", "*.onnx", "*.onnx_data", "*.xml", "*.pb"]
+        return Path(snapshot_download(model, revision=revision, allow_patterns=allow, ignore_patterns=ignore))
+    except Exception as err:  # noqa: BLE001 - every Hub failure becomes one clear line
+        raise _hub_error(model, revision, err) from None
+
+
+def _hub_file(model: str, filename: str, revision: str | None) -> str:
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(model, filename, revision=revision)
+
+
+def resolve_model_folder(model: str, revision: str | None, dtype: str) -> Path:
+    """The local folder holding `model`: built (tiny), given (folder) or downloaded (Hub id)."""
+    if not isinstance(model, str) or not model.strip():
+        raise SDMagicError("--model needs a Hub id, a local folder or 'tiny'")
+    if model == TINY:
+        return ensure_tiny_model()
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{model!r} is a file, not a model folder: give the pipeline's folder")
+        return path
+    if _looks_like_path(model):
+        raise ModelLoadError(f"model folder {model!r} does not exist: check the path, or use --model tiny")
+    if revision is None and model == DEFAULT_MODEL:
+        # The original notebook's choice: the Flax weights live on these branches of SD 1.4.
+        revision = "bf16" if dtype == "bfloat16" else "flax"
+    return _fetch_from_hub(model, revision)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def _make_scheduler(name: str | None, pipeline_scheduler: Any) -> tuple[Any, Any, str]:
+    """The model's own scheduler or one of SCHEDULERS built from the model's scheduler config."""
+    if name is None:
+        own = _SCHEDULER_NAMES.get(type(pipeline_scheduler).__name__, type(pipeline_scheduler).__name__)
+        return pipeline_scheduler, pipeline_scheduler.create_state(), own
+    cls = SCHEDULERS[name]
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    config = {k: v for k, v in dict(pipeline_scheduler.config).items() if k in accepted}
+    if name == "dpm":
+        config.update(algorithm_type="dpmsolver++", solver_order=2)
+    scheduler = cls.from_config(config)
+    return scheduler, scheduler.create_state(), name
+
+
+def _cast_floats(tree: Any, dtype: Any) -> Any:
+    """Cast floating leaves to `dtype` on the host, one leaf at a time (no second full copy)."""
+
+    def cast(x):
+        x = np.asarray(x)
+        return x.astype(dtype) if np.issubdtype(x.dtype, np.floating) or x.dtype == jnp.bfloat16 else x
+
+    return jax.tree_util.tree_map(cast, tree)
+
+
+def load_model(
+    model: str = DEFAULT_MODEL,
+    *,
+    revision: str | None = None,
+    dtype: str = "float32",
+    scheduler: str | None = None,
+    safety_checker: bool = True,
+) -> LoadedModel:
+    """Load a pipeline's modules and host parameters. Raises ModelLoadError with what to do."""
+    check_scheduler_name(scheduler)
+    if dtype not in DTYPES:
+        raise SDMagicError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    start = time.perf_counter()
+    folder = resolve_model_folder(model, revision, dtype)
+    check_model_folder(folder, safety_checker=safety_checker)
+    ships_checker = (_model_index(folder).get("safety_checker") or [None])[0] is not None
+    try:
+        # Upstream's safety checker class cannot even be built on current JAX: it is always skipped
+        # here and read below through SafetyChecker, which loads the same files.
+        pipeline, params = FlaxStableDiffusionPipeline.from_pretrained(
+            str(folder), dtype=DTYPES[dtype], safety_checker=None
+        )
+        if safety_checker and ships_checker:
+            checker, params["safety_checker"] = SafetyChecker.from_pretrained(
+                str(folder / "safety_checker"), _do_init=False
+            )
+            pipeline.safety_checker = checker
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f"could not read model folder {str(folder)!r}: {str(err).splitlines()[0]}") from None
+    sched, sched_state, sched_name = _make_scheduler(scheduler, pipeline.scheduler)
+    params.pop("scheduler", None)
+    weights = {name: _cast_floats(value, DTYPES[dtype]) for name, value in params.items()}
+    return LoadedModel(
+        name=model,
+        source=str(folder),
+        pipeline=pipeline,
+        params=weights,
+        scheduler=sched,
+        scheduler_state=sched_state,
+        scheduler_name=sched_name,
+        dtype=dtype,
+        load_seconds=time.perf_counter() - start,
+        feature_extractor=getattr(pipeline, "feature_extractor", None),
+        info={"upstream": _UPSTREAM_VERSIONS},
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The built-in tiny model
+# ----------------------------------------------------------------------------------------------
+
+TINY_VERSION = "1"
+
+
+def _tiny_cache_root() -> Path:
+    root = os.environ.get("SDMAGIC_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sdmagic"
+    )
+    return Path(root)
+
+
+def ensure_tiny_model(root: Path | None = None) -> Path:
+    """The tiny model's folder, written on first use (a few seconds, no network)."""
+    target = (root or _tiny_cache_root()) / f"tiny-v{TINY_VERSION}"
+    if (target / "model_index.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the target and renamed, so a concurrent or interrupted build never leaves a
+    # half-written model that later loads would trust.
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    try:
+        write_tiny_model(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _tiny_tokenizer(folder: Path) -> CLIPTokenizer:
+    """A byte-level CLIP tokenizer with no merges: every character is a token. Offline, exact."""
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab_list = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab_list)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def write_tiny_model(folder: Path, *, seed: int = 0) -> Path:
+    """Write a miniature, randomly initialised SD 1.x-shaped pipeline in diffusers' Flax layout.
+
+    The shapes follow diffusers' own Flax tests: a 2-level UNet (32/64 channels) on 32x32 latents,
+    a 2-level VAE (so 64x64 images), a 2-layer CLIP text encoder and a tiny CLIP safety checker
+    whose concept thresholds are set so that it flags nothing by default.
+    """
+    folder = Path(folder)
+    key = jax.random.PRNGKey(seed)
+    k_unet, k_vae, k_text, k_safety = jax.random.split(key, 4)
+    tokenizer_dir = folder / ".tokenizer-src"
+    tokenizer = _tiny_tokenizer(tokenizer_dir)
+
+    unet = FlaxUNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+    )
+    unet_params = unet.init_weights(k_unet)
+    vae = FlaxAutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        sample_size=64,
+    )
+    vae_params = vae.init_weights(k_vae)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_encoder = FlaxCLIPTextModel(text_config, seed=int(jax.random.randint(k_text, (), 0, 2**30)))
+    vision_config = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        image_size=224, patch_size=32, projection_dim=32,
+    )
+    safety_config = CLIPConfig(
+        text_config=text_config.to_dict(), vision_config=vision_config.to_dict(), projection_dim=32
+    )
+    safety_checker = SafetyChecker(safety_config, seed=int(jax.random.randint(k_safety, (), 0, 2**30)))
+    safety_params = dict(jax.tree_util.tree_map(np.asarray, safety_checker.params))
+    # Cosine similarity never exceeds 1, so thresholds of 2 flag nothing; tests lower them to check
+    # that flagged images are blacked out.
+    safety_params["concept_embeds_weights"] = np.full((17,), 2.0, np.float32)
+    safety_params["special_care_embeds_weights"] = np.full((3,), 2.0, np.float32)
+    feature_extractor = CLIPImageProcessor(
+        crop_size={"height": 224, "width": 224}, size={"shortest_edge": 224}, do_convert_rgb=True
+    )
+    scheduler = FlaxPNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        num_train_timesteps=1000, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
+    )
+    pipeline = FlaxStableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=feature_extractor,
+    )
+    params = {"unet": unet_params, "vae": vae_params, "text_encoder": text_encoder.params}
+    pipeline.save_pretrained(str(folder), params=params)
+    # The checker is saved apart and listed under diffusers' class name, as in real SD repos, so
+    # that any diffusers-layout reader sees the usual model_index.json.
+    safety_checker.save_pretrained(str(folder / "safety_checker"), params=safety_params)
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index["safety_checker"] = ["stable_diffusion", "FlaxStableDiffusionSafetyChecker"]
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True))
+    shutil.rmtree(tokenizer_dir, ignore_errors=True)
+    return folder

@@ -1,0 +1,116 @@
+"""Compile seconds kept apart from inference seconds, and %timeit-style reports."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+
+def _seconds(value: float) -> str:
+    if value >= 100:
+        return f"{value:.0f} s"
+    if value >= 1:
+        return f"{value:.2f} s"
+    return f"{value * 1000:.1f} ms"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    images: int
+    compile_seconds: float
+    run_seconds: float
+    shape: str
+
+    @property
+    def total(self) -> float:
+        return self.compile_seconds + self.run_seconds
+
+
+@dataclass
+class TimingLog:
+    """Every completed generate call of a session, in order."""
+
+    runs: list[RunRecord] = field(default_factory=list)
+
+    def add(self, record: RunRecord) -> None:
+        self.runs.append(record)
+
+    def summary(self) -> "TimingSummary":
+        return TimingSummary(list(self.runs))
+
+
+@dataclass(frozen=True)
+class TimingSummary:
+    runs: list[RunRecord]
+
+    @property
+    def compile_seconds(self) -> float:
+        return sum(r.compile_seconds for r in self.runs)
+
+    @property
+    def run_seconds(self) -> float:
+        return sum(r.run_seconds for r in self.runs)
+
+    @property
+    def images(self) -> int:
+        return sum(r.images for r in self.runs)
+
+    @property
+    def shapes(self) -> int:
+        return sum(1 for r in self.runs if r.compile_seconds > 0)
+
+    def __repr__(self) -> str:
+        if not self.runs:
+            return "no runs yet"
+        per_image = self.run_seconds / max(1, self.images)
+        rate = self.images / self.run_seconds if self.run_seconds else float("inf")
+        lines = [
+            f"{len(self.runs)} runs, {self.images} images: compile {_seconds(self.compile_seconds)}"
+            f" ({self.shapes} compiled shapes), inference {_seconds(self.run_seconds)}"
+            f" = {_seconds(per_image)} per image, {rate:.2f} images/s"
+        ]
+        first = self.runs[0]
+        if first.total > 0 and first.compile_seconds / first.total > 0.5:
+            lines.append(
+                f"the first run ({_seconds(first.total)}) was mostly compile"
+                f" ({first.compile_seconds / first.total:.0%}); later runs of the same shape compile nothing"
+            )
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class TimingReport:
+    """`%sd_time --runs N`: steady-state seconds of the same configuration, like %timeit's result."""
+
+    seconds: list[float]
+    images_per_run: int
+    compile_seconds: float
+    shape: str
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def best(self) -> float:
+        return min(self.seconds)
+
+    @property
+    def worst(self) -> float:
+        return max(self.seconds)
+
+    @property
+    def seconds_per_image(self) -> float:
+        return self.median / max(1, self.images_per_run)
+
+    def __repr__(self) -> str:
+        n = len(self.seconds)
+        text = (
+            f"{_seconds(self.median)} per run (median of {n} run{'s' if n != 1 else ''}:"
+            f" min {_seconds(self.best)}, max {_seconds(self.worst)}), {self.images_per_run} images per run"
+            f" = {_seconds(self.seconds_per_image)} per image, {1 / self.seconds_per_image:.2f} images/s"
+            f" [{self.shape}]"
+        )
+        if self.compile_seconds:
+            text += f"\nthese runs compiled {_seconds(self.compile_seconds)}"
+        return text
