@@ -1,0 +1,65 @@
+"""sdmagic: Stable Diffusion on JAX from a notebook cell.
+
+    %load_ext sdmagic
+    %sd_setup --model tiny
+    %%sd --seed 3
+    a red fox in the snow
+
+or from plain Python:
+
+    import sdmagic
+    session = sdmagic.setup(model="tiny")
+    result = session.generate(["a red fox in the snow"], seed=3)
+
+JAX, diffusers and transformers are imported on first use, so `%load_ext sdmagic` is instant.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GenerationResult",
+    "SDMagicError",
+    "Session",
+    "load_ipython_extension",
+    "setup",
+    "unload_ipython_extension",
+]
+
+from .errors import SDMagicError
+
+_LAZY = {
+    "setup": ("session", "setup"),
+    "Session": ("session", "Session"),
+    "GenerationResult": ("output", "GenerationResult"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attribute = _LAZY[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attribute)
+    raise AttributeError(f"module 'sdmagic' has no attribute {name!r}")
+
+
+def load_ipython_extension(ipython) -> None:
+    """`%load_ext sdmagic`: register %sd_setup, %sd / %%sd and %sd_time."""
+    from .magics import SDMagics
+
+    ipython.register_magics(SDMagics)
+
+
+def unload_ipython_extension(ipython) -> None:
+    """`%unload_ext sdmagic`: remove the magics and free the session's device memory."""
+    from .magics import SDMagics
+
+    magics = ipython.magics_manager.registry.pop(SDMagics.__name__, None)
+    if magics is not None and magics.session is not None:
+        magics.session.close()
+    for kind in ("line", "cell"):
+        table = ipython.magics_manager.magics[kind]
+        for name in ("sd_setup", "sd", "sd_time"):
+            table.pop(name, None)

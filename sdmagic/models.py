@@ -28,18 +28,16 @@ import numpy as np
 
 from .errors import ModelLoadError, SDMagicError
 from .quiet import silence_upstream_noise
+from .schedulers import LMSScheduler
 
 # Importing diffusers creates its logging handlers; the noise filter goes on them straight after.
 import diffusers  # noqa: E402
 import transformers  # noqa: E402
 
-silence_upstream_noise()
-
 from diffusers import (  # noqa: E402
     FlaxAutoencoderKL,
     FlaxDDIMScheduler,
     FlaxDPMSolverMultistepScheduler,
-    FlaxLMSDiscreteScheduler,
     FlaxPNDMScheduler,
     FlaxStableDiffusionPipeline,
     FlaxUNet2DConditionModel,
@@ -57,16 +55,19 @@ from transformers import (  # noqa: E402
     FlaxCLIPTextModel,
 )
 
+silence_upstream_noise()
+
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 TINY = "tiny"
 
 SCHEDULERS = {
     "pndm": FlaxPNDMScheduler,
     "ddim": FlaxDDIMScheduler,
-    "lms": FlaxLMSDiscreteScheduler,
+    "lms": LMSScheduler,  # upstream's Flax LMS cannot be traced; see schedulers.py
     "dpm": FlaxDPMSolverMultistepScheduler,  # DPM-Solver++ multistep
 }
 _SCHEDULER_NAMES = {cls.__name__: name for name, cls in SCHEDULERS.items()}
+_SCHEDULER_NAMES["FlaxLMSDiscreteScheduler"] = "lms"
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 
@@ -314,9 +315,13 @@ def resolve_model_folder(model: str, revision: str | None, dtype: str) -> Path:
 
 def _make_scheduler(name: str | None, pipeline_scheduler: Any) -> tuple[Any, Any, str]:
     """The model's own scheduler or one of SCHEDULERS built from the model's scheduler config."""
-    if name is None:
-        own = _SCHEDULER_NAMES.get(type(pipeline_scheduler).__name__, type(pipeline_scheduler).__name__)
+    own = _SCHEDULER_NAMES.get(type(pipeline_scheduler).__name__, type(pipeline_scheduler).__name__)
+    if name is None and own != "lms":
         return pipeline_scheduler, pipeline_scheduler.create_state(), own
+    name = name or own
+    if name == "lms":
+        scheduler = LMSScheduler(dict(pipeline_scheduler.config))
+        return scheduler, scheduler.create_state(), name
     cls = SCHEDULERS[name]
     accepted = set(inspect.signature(cls.__init__).parameters)
     config = {k: v for k, v in dict(pipeline_scheduler.config).items() if k in accepted}
@@ -349,6 +354,7 @@ def load_model(
     if dtype not in DTYPES:
         raise SDMagicError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     start = time.perf_counter()
+    silence_upstream_noise()  # upstream modules imported lazily since import time have loggers now
     folder = resolve_model_folder(model, revision, dtype)
     check_model_folder(folder, safety_checker=safety_checker)
     ships_checker = (_model_index(folder).get("safety_checker") or [None])[0] is not None

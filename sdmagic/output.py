@@ -65,6 +65,7 @@ class GenerationResult:
     calls: int
     seed_was_random: bool = False
     warnings: list[str] = field(default_factory=list)
+    display_cols: int | None = None  # columns of the grid the notebook shows
 
     def captions(self) -> list[str]:
         out = []
@@ -116,10 +117,11 @@ class GenerationResult:
         )
 
     def _repr_png_(self) -> bytes:
-        return _png_bytes(self.grid())
+        return _png_bytes(self.grid(self.display_cols))
 
     def _repr_html_(self) -> str:
-        cols = default_cols(len(self.images))
+        cols = self.display_cols or default_cols(len(self.images))
+        cols = min(cols, len(self.images))
         cell = max(self.width, MIN_CELL)
         figures = []
         for image, prompt, caption in zip(self.images, self.prompts, self.captions()):

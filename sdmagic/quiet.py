@@ -28,24 +28,25 @@ class _DropNoise(logging.Filter):
         return not any(noise in message for noise in _NOISE)
 
 
-_installed = False
+_DROP = _DropNoise()
 
 
 def silence_upstream_noise() -> None:
-    """Install the filters once, before diffusers/transformers are imported by sdmagic."""
-    global _installed
-    if _installed:
-        return
-    _installed = True
+    """Filter the noise on every diffusers/transformers logger and handler that exists now.
+
+    A record logged on a child logger (`diffusers.models.resnet_flax`) skips its parents' logger
+    filters on the way up, so the filter goes on each logger itself. diffusers imports its modules
+    lazily; call this again after importing more of it (it is idempotent and cheap).
+    """
     # transformers checks this before logging its "no PyTorch / TensorFlow" advisory.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     for noise in _NOISE:
         warnings.filterwarnings("ignore", message=f".*{noise}.*")
-    drop = _DropNoise()
-    for name in ("diffusers", "transformers"):
+    names = [name for name in logging.root.manager.loggerDict if name.split(".")[0] in ("diffusers", "transformers")]
+    for name in names + ["diffusers", "transformers"]:
         logger = logging.getLogger(name)
-        # Records from child loggers skip the parent's filters but not its handlers' filters,
-        # so the filter goes on the library's handlers (created on import) and on the logger.
-        logger.addFilter(drop)
+        if _DROP not in logger.filters:
+            logger.addFilter(_DROP)
         for handler in logger.handlers:
-            handler.addFilter(drop)
+            if _DROP not in handler.filters:
+                handler.addFilter(_DROP)

@@ -1,0 +1,75 @@
+"""Test setup: 8 simulated devices (a TPU host's count) and one shared tiny-model session.
+
+XLA_FLAGS must be set before JAX is imported anywhere, which is why it happens at the top of this
+file, before any sdmagic import.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The tiny model is built once (about 30 s) into the repo's ignored pytest cache and reused.
+os.environ.setdefault(
+    "SDMAGIC_HOME", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "sdmagic-home")
+)
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+STEPS = 3  # few denoising steps keep each generate call well under a second on the CPU
+
+
+@pytest.fixture(scope="session")
+def tiny_dir():
+    from sdmagic.models import ensure_tiny_model
+
+    return ensure_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def session8(tiny_dir):
+    import sdmagic
+
+    assert jax.device_count() == 8
+    session = sdmagic.setup("tiny")
+    yield session
+    session.close()
+
+
+@pytest.fixture(scope="session")
+def session1(tiny_dir):
+    import sdmagic
+
+    session = sdmagic.setup("tiny", devices=1)
+    yield session
+    session.close()
+
+
+class CompileCounter:
+    """Counts XLA backend compiles (and their seconds) through jax.monitoring, like equinox's tests."""
+
+    def __init__(self):
+        self.count = 0
+        self.seconds = 0.0
+        self.active = False
+
+    def __call__(self, event, duration, **kwargs):
+        if self.active and event == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+            self.seconds += duration
+
+    def __enter__(self):
+        self.count, self.seconds, self.active = 0, 0.0, True
+        return self
+
+    def __exit__(self, *exc):
+        self.active = False
+
+
+_counter = CompileCounter()
+jax.monitoring.register_event_duration_secs_listener(_counter)
+
+
+@pytest.fixture
+def compiles():
+    return _counter
