@@ -6,11 +6,12 @@ the API, so the notebook and a script get the same checks and the same messages.
 
 from __future__ import annotations
 
+import shlex
 from contextlib import contextmanager
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 
 from .errors import SDMagicError
 from .prompts import parse_prompts
@@ -26,8 +27,13 @@ def _usage_errors():
 
 
 def _parse(magic, line: str):
+    """Parse like a shell: IPython's own splitter keeps the quotes of `--negative 'a, b'`."""
     try:
-        return parse_argstring(magic, line)
+        words = shlex.split(line)
+    except ValueError as err:
+        raise UsageError(f"could not read the options ({err}): close every quote") from None
+    try:
+        return magic.parser.parse_args(words)
     except UsageError as err:
         name = magic.__name__
         raise UsageError(f"{err} (see %{name}? for the options)") from None

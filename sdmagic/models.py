@@ -34,6 +34,10 @@ from .schedulers import LMSScheduler
 import diffusers  # noqa: E402
 import transformers  # noqa: E402
 
+# Some Flax modules log their deprecation while their classes are being defined, i.e. during
+# the imports below: the library handlers must be filtered before them.
+silence_upstream_noise()
+
 from diffusers import (  # noqa: E402
     FlaxAutoencoderKL,
     FlaxDDIMScheduler,
