@@ -270,27 +270,48 @@ def _is_network_error(err: Exception) -> bool:
     return isinstance(err, (requests.ConnectionError, requests.Timeout))
 
 
-def _fetch_from_hub(model: str, revision: str | None) -> Path:
-    """Download (or find in the cache) the Flax files of a Hub pipeline; returns the snapshot folder."""
-    from huggingface_hub import snapshot_download
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Can we open a TCP connection to the Hub? Checked first so that a machine without network
+    gets one clear error in seconds instead of huggingface_hub's retries (about half a minute)."""
+    import socket
+    from urllib.parse import urlparse
 
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
-        index = json.loads(
-            Path(_hub_file(model, "model_index.json", revision)).read_text()
-        )
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _fetch_from_hub(model: str, revision: str | None) -> Path:
+    """Download (or find in the cache) the Flax files of a Hub pipeline; returns the snapshot folder.
+
+    Without network (or with HF_HUB_OFFLINE=1) only the local cache is used. Tokens come from
+    huggingface_hub's usual places (HF_TOKEN, `huggingface-cli login`, `notebook_login()`).
+    """
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    local_only = not _hub_reachable()
+    try:
+        index_file = hf_hub_download(model, "model_index.json", revision=revision, local_files_only=local_only)
+        index = json.loads(Path(index_file).read_text())
         folders = [k for k in index if not k.startswith("_")]
         allow = [f"{name}/*" for name in folders] + ["model_index.json"]
         # Only Flax weights: PyTorch pickles are never fetched, let alone opened.
         ignore = ["*.bin", "*.safetensors", "*.ckpt", "*.pt", "*.onnx", "*.onnx_data", "*.xml", "*.pb"]
-        return Path(snapshot_download(model, revision=revision, allow_patterns=allow, ignore_patterns=ignore))
+        return Path(
+            snapshot_download(
+                model, revision=revision, allow_patterns=allow, ignore_patterns=ignore, local_files_only=local_only
+            )
+        )
     except Exception as err:  # noqa: BLE001 - every Hub failure becomes one clear line
         raise _hub_error(model, revision, err) from None
-
-
-def _hub_file(model: str, filename: str, revision: str | None) -> str:
-    from huggingface_hub import hf_hub_download
-
-    return hf_hub_download(model, filename, revision=revision)
 
 
 def resolve_model_folder(model: str, revision: str | None, dtype: str) -> Path:

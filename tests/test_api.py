@@ -276,3 +276,38 @@ def test_lms_coefficients_integrate_the_lagrange_basis():
     np.testing.assert_allclose(coefficients.sum(axis=1), np.diff(sigmas), rtol=1e-12)
     np.testing.assert_allclose(coefficients[0], [sigmas[1] - sigmas[0], 0, 0, 0])
     assert np.count_nonzero(coefficients[2]) == 3 and np.count_nonzero(coefficients[4]) == 4
+
+
+def test_no_network_fails_fast_with_what_to_do(monkeypatch, tmp_path):
+    import time
+
+    import huggingface_hub.constants as constants
+
+    # A closed local port stands in for a machine without network: the probe fails at once.
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    start = time.perf_counter()
+    with pytest.raises(SDMagicError, match="could not reach the Hugging Face Hub"):
+        sdmagic.setup("CompVis/stable-diffusion-v1-4", dtype="float32")
+    assert time.perf_counter() - start < 10
+
+
+def test_hub_id_loads_from_a_cached_snapshot_offline(monkeypatch, tmp_path, tiny_dir, session8):
+    import shutil
+
+    import huggingface_hub.constants as constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--someone--tiny-sd"
+    shutil.copytree(tiny_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    session = sdmagic.setup("someone/tiny-sd", devices=8)
+    try:
+        assert session.model.name == "someone/tiny-sd"
+        a = pixels(session.generate(["a red fox"], seed=2, steps=STEPS))
+        np.testing.assert_array_equal(a, pixels(session8.generate(["a red fox"], seed=2, steps=STEPS)))
+    finally:
+        session.close()
