@@ -16,7 +16,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from .devices import DevicePlan
 
@@ -147,7 +146,3 @@ def compile_generate(model: Any, key: ShapeKey, plan: DevicePlan, params: Any, s
         spec((key.batch,), jnp.float32),
     ).compile()
     return executable, time.perf_counter() - start
-
-
-def to_host(pixels: jax.Array, nsfw: jax.Array) -> tuple[np.ndarray, np.ndarray]:
-    return np.asarray(pixels), np.asarray(nsfw)

@@ -111,7 +111,7 @@ class GenerationResult:
         flagged = sum(self.nsfw)
         flagged_note = f", {flagged} blacked out by the safety checker" if flagged else ""
         return (
-            f"<GenerationResult: {len(self.images)} images {self.width}x{self.height}, {seeds}{random},"
+            f"<GenerationResult: {len(self.images)} image{'s' if len(self.images) != 1 else ''} {self.width}x{self.height}, {seeds}{random},"
             f" {self.steps} {self.scheduler} steps, guidance {self.guidance:g}, {self.model};"
             f" compile {self.compile_seconds:.2f} s, run {self.run_seconds:.2f} s{flagged_note}>"
         )

@@ -66,7 +66,7 @@ class TimingSummary:
         rate = self.images / self.run_seconds if self.run_seconds else float("inf")
         lines = [
             f"{len(self.runs)} runs, {self.images} images: compile {_seconds(self.compile_seconds)}"
-            f" ({self.shapes} compiled shapes), inference {_seconds(self.run_seconds)}"
+            f" ({self.shapes} compiled shape{'s' if self.shapes != 1 else ''}), inference {_seconds(self.run_seconds)}"
             f" = {_seconds(per_image)} per image, {rate:.2f} images/s"
         ]
         first = self.runs[0]

@@ -311,3 +311,29 @@ def test_hub_id_loads_from_a_cached_snapshot_offline(monkeypatch, tmp_path, tiny
         np.testing.assert_array_equal(a, pixels(session8.generate(["a red fox"], seed=2, steps=STEPS)))
     finally:
         session.close()
+
+
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        ("GatedRepoError", "is gated: accept its licence .* log in"),
+        ("RepositoryNotFoundError", "was not found on the Hub.*log in if it is private.*--model tiny"),
+        ("RevisionNotFoundError", "has no revision 'nope'"),
+        ("LocalEntryNotFoundError", "could not reach the Hugging Face Hub"),
+    ],
+)
+def test_hub_failures_say_what_to_do(monkeypatch, error, message):
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    from sdmagic import models
+
+    def fail(*args, **kwargs):
+        cls = getattr(errors, error)
+        raise cls("upstream text") if error == "LocalEntryNotFoundError" else cls("upstream text", response=None)
+
+    monkeypatch.setattr(models, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
+    with pytest.raises(SDMagicError, match=message) as info:
+        sdmagic.setup("someone/some-model", revision="nope")
+    assert "\n" not in str(info.value)

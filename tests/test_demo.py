@@ -34,7 +34,7 @@ def test_demo_notebook_runs_and_shows_images(tmp_path):
 def test_quiet_drops_only_the_upstream_noise():
     import logging
 
-    from sdmagic import models  # noqa: F401  (installs the filters)
+    import sdmagic.models  # noqa: F401  (installs the filters)
     from sdmagic.quiet import silence_upstream_noise
 
     seen = []
