@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,8 @@ from .quiet import silence_upstream_noise
 from .schedulers import LMSScheduler
 
 # Importing diffusers creates its logging handlers; the noise filter goes on them straight after.
-import diffusers  # noqa: E402
-import transformers  # noqa: E402
+import diffusers  # noqa: E402,F401 - imported for its logging handlers, filtered below
+import transformers  # noqa: E402,F401
 
 # Some Flax modules log their deprecation while their classes are being defined, i.e. during
 # the imports below: the library handlers must be filtered before them.
@@ -79,7 +79,6 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float
 _FLAX_WEIGHTS = {"diffusers": "diffusion_flax_model.msgpack", "transformers": "flax_model.msgpack"}
 _WEIGHTLESS = {"tokenizer", "scheduler", "feature_extractor"}
 
-_UPSTREAM_VERSIONS = f"diffusers {diffusers.__version__}, transformers {transformers.__version__}"
 
 
 def resolve_dtype(name: str | None, backend: str) -> str:
@@ -146,7 +145,6 @@ class LoadedModel:
     dtype: str
     load_seconds: float
     feature_extractor: Any = None
-    info: dict = field(default_factory=dict)
 
     @property
     def has_safety_checker(self) -> bool:
@@ -357,7 +355,7 @@ def _make_scheduler(name: str | None, pipeline_scheduler: Any) -> tuple[Any, Any
 
 
 def _cast_floats(tree: Any, dtype: Any) -> Any:
-    """Cast floating leaves to `dtype` on the host, one leaf at a time (no second full copy)."""
+    """Cast floating leaves of one component to `dtype` on the host."""
 
     def cast(x):
         x = np.asarray(x)
@@ -398,7 +396,9 @@ def load_model(
         raise ModelLoadError(f"could not read model folder {str(folder)!r}: {str(err).splitlines()[0]}") from None
     sched, sched_state, sched_name = _make_scheduler(scheduler, pipeline.scheduler)
     params.pop("scheduler", None)
-    weights = {name: _cast_floats(value, DTYPES[dtype]) for name, value in params.items()}
+    # One component at a time, dropping each original once cast: the peak extra host memory is
+    # the largest component (the UNet), not a second copy of the whole pipeline.
+    weights = {name: _cast_floats(params.pop(name), DTYPES[dtype]) for name in list(params)}
     return LoadedModel(
         name=model,
         source=str(folder),
@@ -410,7 +410,6 @@ def load_model(
         dtype=dtype,
         load_seconds=time.perf_counter() - start,
         feature_extractor=getattr(pipeline, "feature_extractor", None),
-        info={"upstream": _UPSTREAM_VERSIONS},
     )
 
 
