@@ -123,26 +123,32 @@ def build_generate(model: Any, key: ShapeKey) -> Callable:
     return generate
 
 
-def compile_generate(model: Any, key: ShapeKey, plan: DevicePlan, params: Any, scheduler_state: Any):
-    """Ahead-of-time compile for `key` on `plan`; returns (executable, seconds spent compiling)."""
+def argument_specs(model: Any, key: ShapeKey, plan: DevicePlan, params: Any, scheduler_state: Any) -> tuple:
+    """What the executable for `key` is called with: placed params and state, batch-sharded specs."""
     batch = plan.batch_sharded
     ids_len = model.max_tokens
 
     def spec(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=batch)
 
-    start = time.perf_counter()
-    jitted = jax.jit(
-        build_generate(model, key),
-        in_shardings=(plan.replicated, plan.replicated, batch, batch, batch, batch),
-        out_shardings=(batch, batch),
-    )
-    executable = jitted.lower(
+    return (
         params,
         scheduler_state,
         spec((key.batch, ids_len), jnp.int32),
         spec((key.batch, ids_len), jnp.int32),
         spec((key.batch,), jnp.uint32),
         spec((key.batch,), jnp.float32),
-    ).compile()
+    )
+
+
+def compile_generate(model: Any, key: ShapeKey, plan: DevicePlan, arguments: tuple):
+    """Ahead-of-time compile for `key` on `plan`; returns (executable, seconds spent compiling)."""
+    batch = plan.batch_sharded
+    start = time.perf_counter()
+    jitted = jax.jit(
+        build_generate(model, key),
+        in_shardings=(plan.replicated, plan.replicated, batch, batch, batch, batch),
+        out_shardings=(batch, batch),
+    )
+    executable = jitted.lower(*arguments).compile()
     return executable, time.perf_counter() - start

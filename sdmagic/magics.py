@@ -43,6 +43,9 @@ def _parse(magic, line: str):
 class SDMagics(Magics):
     """%sd_setup, %sd / %%sd and %sd_time over one `sdmagic.Session`."""
 
+    # The default %%sd steps, which --warmup compiles for.
+    default_steps = 50
+
     def __init__(self, shell=None):
         super().__init__(shell)
         self.session = None
@@ -59,6 +62,10 @@ class SDMagics(Magics):
     @argument("--scheduler", default=None, help="pndm | ddim | lms | dpm (DPM-Solver++ multistep); default: the model's own")
     @argument("--no-safety-checker", action="store_true", help="do not run the model's safety checker")
     @argument("--devices", default=None, help="use only the first N devices (default: all)")
+    @argument("--per-device-batch", default=None, help="images per device per call (default: CPU 1, TPU 1-2, GPU by memory)")
+    @argument("--cache-dir", default=None, help="where compiled code is kept across restarts (default: $SDMAGIC_CACHE_DIR or ~/.cache/sdmagic/compiled)")
+    @argument("--no-cache", action="store_true", help="keep compiled code in memory only: a restart compiles again")
+    @argument("--warmup", action="store_true", help="compile the default %%%%sd shape now, so the first cell runs at once")
     @line_magic
     def sd_setup(self, line):
         """Find the JAX devices, load a Stable Diffusion pipeline and place it on every device.
@@ -72,6 +79,8 @@ class SDMagics(Magics):
         args = _parse(self.sd_setup, line)
         with _usage_errors():
             devices = None if args.devices is None else _whole(args.devices, "--devices")
+            if args.no_cache and args.cache_dir:
+                raise SDMagicError("--cache-dir and --no-cache contradict each other: give one of them")
             self.session = setup(
                 args.model or DEFAULT_MODEL,
                 revision=args.revision,
@@ -79,19 +88,28 @@ class SDMagics(Magics):
                 scheduler=args.scheduler,
                 safety_checker=not args.no_safety_checker,
                 devices=devices,
+                per_device_batch=args.per_device_batch,
+                cache=not args.no_cache,
+                cache_dir=args.cache_dir,
                 replacing=self.session,
             )
         print(self.session.describe())
+        if args.warmup:
+            with _usage_errors():
+                key, seconds, source = self.session.warmup(steps=self.default_steps)
+            how = "loaded from the compile cache" if source == "disk" else source
+            print(f"warm-up: {key.describe()} {how} in {seconds:.1f} s")
 
     @magic_arguments()
     @argument("--seed", default=None, help="seed of the first image; image i uses seed + i (default: random, shown)")
-    @argument("--steps", default=50, help="denoising steps (default 50)")
+    @argument("--steps", default=None, help="denoising steps (default 50)")
     @argument("--guidance", default=7.5, help="classifier-free guidance scale (default 7.5)")
     @argument("--height", default=None, help="image height in pixels (default: the model's native size)")
     @argument("--width", default=None, help="image width in pixels (default: the model's native size)")
     @argument("--negative", default=None, help="negative prompt, quoted if it has spaces")
     @argument("--n", default=1, help="images per prompt (default 1)")
     @argument("--cols", default=None, help="grid columns (default: up to 4)")
+    @argument("--per-device-batch", default=None, help="images per device per call, for this cell (default: %sd_setup's)")
     @argument("prompt", nargs="*", help="line form only: the prompt, e.g. %%sd --seed 3 a red fox")
     @line_cell_magic
     def sd(self, line, cell=None):
@@ -116,12 +134,13 @@ class SDMagics(Magics):
             result = session.generate(
                 prompts,
                 seed=args.seed,
-                steps=args.steps,
+                steps=self.default_steps if args.steps is None else args.steps,
                 guidance=args.guidance,
                 height=args.height,
                 width=args.width,
                 negative=args.negative,
                 images_per_prompt=args.n,
+                per_device_batch=args.per_device_batch,
             )
             if args.cols is not None:
                 result.display_cols = _whole(args.cols, "--cols")

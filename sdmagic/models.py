@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -460,6 +460,106 @@ def _tiny_tokenizer(folder: Path) -> CLIPTokenizer:
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
 
 
+# Architectures of the random pipelines sdmagic builds itself (no download): `tiny` for tests and
+# demos, `sd1` (Stable Diffusion 1.x's full size, 860M-parameter UNet) for benchmarks.
+RANDOM_ARCHITECTURES = {
+    "tiny": {
+        # The shapes of diffusers' own Flax tests: a 2-level UNet on 32x32 latents, 2-level VAE.
+        "unet": dict(
+            block_out_channels=(32, 64), layers_per_block=2, sample_size=32,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
+        ),
+        "vae": dict(
+            block_out_channels=(32, 64), sample_size=64,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        ),
+        "text": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4),
+    },
+    "sd1": {
+        "unet": dict(
+            block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, sample_size=64,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8,
+        ),
+        "vae": dict(
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        ),
+        "text": dict(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            vocab_size=49408, hidden_act="quick_gelu",
+        ),
+    },
+}
+
+
+def _sd_scheduler() -> Any:
+    """Stable Diffusion 1.x's scheduler: PNDM (PLMS), scaled-linear betas."""
+    return FlaxPNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        num_train_timesteps=1000, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
+    )
+
+
+def _random_pipeline(arch: str, seed: int, tokenizer_dir: Path, dtype: Any = jnp.float32):
+    """Modules of architecture `arch` with random float32 parameters: (pipeline, params, text_config)."""
+    spec = RANDOM_ARCHITECTURES[arch]
+    # Four keys, the fourth for the tiny safety checker: the tiny model's bytes stay as they were.
+    k_unet, k_vae, k_text, _ = jax.random.split(jax.random.PRNGKey(seed), 4)
+    tokenizer = _tiny_tokenizer(tokenizer_dir)
+    unet = FlaxUNet2DConditionModel(in_channels=4, out_channels=4, dtype=dtype, **spec["unet"])
+    vae = FlaxAutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, dtype=dtype, **spec["vae"])
+    text_config = CLIPTextConfig(
+        **{"vocab_size": len(tokenizer), **spec["text"]},
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_encoder = FlaxCLIPTextModel(text_config, seed=int(jax.random.randint(k_text, (), 0, 2**30)), dtype=dtype)
+    feature_extractor = CLIPImageProcessor(
+        crop_size={"height": 224, "width": 224}, size={"shortest_edge": 224}, do_convert_rgb=True
+    )
+    pipeline = FlaxStableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_sd_scheduler(),
+        safety_checker=None, feature_extractor=feature_extractor, dtype=dtype,
+    )
+    params = {"unet": unet.init_weights(k_unet), "vae": vae.init_weights(k_vae), "text_encoder": text_encoder.params}
+    return pipeline, params, text_config
+
+
+def random_model(arch: str = "sd1", *, dtype: str = "float32", scheduler: str | None = None, seed: int = 0) -> LoadedModel:
+    """A randomly initialised pipeline of a real architecture, in memory: for benchmarks, no download.
+
+    No safety checker; the parameters are host arrays in `dtype`, as `load_model` gives them.
+    """
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+        pipeline, params, _ = _random_pipeline(arch, seed, Path(tokenizer_dir), DTYPES[dtype])
+    sched, sched_state, sched_name = _make_scheduler(scheduler, pipeline.scheduler)
+    weights = {name: _cast_floats(params.pop(name), DTYPES[dtype]) for name in list(params)}
+    return LoadedModel(
+        name=f"random {arch}",
+        source="memory",
+        pipeline=pipeline,
+        params=weights,
+        scheduler=sched,
+        scheduler_state=sched_state,
+        scheduler_name=sched_name,
+        dtype=dtype,
+        load_seconds=time.perf_counter() - start,
+        feature_extractor=pipeline.feature_extractor,
+    )
+
+
+def with_scheduler(model: LoadedModel, scheduler: str) -> LoadedModel:
+    """The same modules and host parameters with another scheduler (built from the model's config)."""
+    check_scheduler_name(scheduler)
+    sched, state, name = _make_scheduler(scheduler, model.pipeline.scheduler)
+    return replace(model, scheduler=sched, scheduler_state=state, scheduler_name=name)
+
+
 def write_tiny_model(folder: Path, *, seed: int = 0) -> Path:
     """Write a miniature, randomly initialised SD 1.x-shaped pipeline in diffusers' Flax layout.
 
@@ -468,45 +568,9 @@ def write_tiny_model(folder: Path, *, seed: int = 0) -> Path:
     whose concept thresholds are set so that it flags nothing by default.
     """
     folder = Path(folder)
-    key = jax.random.PRNGKey(seed)
-    k_unet, k_vae, k_text, k_safety = jax.random.split(key, 4)
+    k_safety = jax.random.split(jax.random.PRNGKey(seed), 4)[3]
     tokenizer_dir = folder / ".tokenizer-src"
-    tokenizer = _tiny_tokenizer(tokenizer_dir)
-
-    unet = FlaxUNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-    )
-    unet_params = unet.init_weights(k_unet)
-    vae = FlaxAutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        sample_size=64,
-    )
-    vae_params = vae.init_weights(k_vae)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    text_encoder = FlaxCLIPTextModel(text_config, seed=int(jax.random.randint(k_text, (), 0, 2**30)))
+    pipeline, params, text_config = _random_pipeline("tiny", seed, tokenizer_dir)
     vision_config = CLIPVisionConfig(
         hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
         image_size=224, patch_size=32, projection_dim=32,
@@ -520,18 +584,6 @@ def write_tiny_model(folder: Path, *, seed: int = 0) -> Path:
     # that flagged images are blacked out.
     safety_params["concept_embeds_weights"] = np.full((17,), 2.0, np.float32)
     safety_params["special_care_embeds_weights"] = np.full((3,), 2.0, np.float32)
-    feature_extractor = CLIPImageProcessor(
-        crop_size={"height": 224, "width": 224}, size={"shortest_edge": 224}, do_convert_rgb=True
-    )
-    scheduler = FlaxPNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        num_train_timesteps=1000, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
-    )
-    pipeline = FlaxStableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=feature_extractor,
-    )
-    params = {"unet": unet_params, "vae": vae_params, "text_encoder": text_encoder.params}
     pipeline.save_pretrained(str(folder), params=params)
     # The checker is saved apart and listed under diffusers' class name, as in real SD repos, so
     # that any diffusers-layout reader sees the usual model_index.json.

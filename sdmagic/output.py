@@ -64,6 +64,8 @@ class GenerationResult:
     run_seconds: float
     calls: int
     seed_was_random: bool = False
+    compiled_from: str = "compiled"  # where the executable came from: compiled, disk or memory
+    batch: int = 0  # images per compiled call
     warnings: list[str] = field(default_factory=list)
     display_cols: int | None = None  # columns of the grid the notebook shows
 

@@ -7,17 +7,21 @@ one process (say, one on 1 device and one on 8) do not share anything but JAX it
 from __future__ import annotations
 
 import math
+import os
 import secrets
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from . import generate as gen
-from .devices import DevicePlan, find_devices, place_batch, place_replicated
+from .compile_cache import ExecutableStore, configure_jax_cache, default_cache_dir, executable_key
+from .devices import DevicePlan, default_per_device_batch, find_devices, place_batch, place_replicated
 from .errors import SDMagicError
 from .models import LoadedModel, load_model, resolve_dtype
 from .output import GenerationResult, to_pil
@@ -27,6 +31,7 @@ MAX_SEED = 2**32 - 1  # PRNGKey takes a 32-bit seed
 MAX_SIDE = 4096  # pixels; beyond this a single image no longer fits any accelerator's memory
 MAX_STEPS = 1000  # the schedulers' training timesteps
 MAX_IMAGES_PER_PROMPT = 256
+MAX_PER_DEVICE_BATCH = 64
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -77,17 +82,26 @@ class Session:
     """A pipeline placed on devices, ready to turn prompts into images.
 
     Create one with `sdmagic.setup(...)`; call `generate` as often as you like. Executables are
-    compiled once per `ShapeKey` and kept for the session's life.
+    compiled once per `ShapeKey` and kept for the session's life, and in `executable_store` (if
+    given) for later sessions, so a restarted kernel loads them instead of compiling.
     """
 
-    def __init__(self, model: LoadedModel, plan: DevicePlan, *, per_device_batch: int = 1):
+    def __init__(
+        self,
+        model: LoadedModel,
+        plan: DevicePlan,
+        *,
+        per_device_batch: int | None = None,
+        executable_store: ExecutableStore | None = None,
+    ):
         self.model = model
         self.plan = plan
-        self.per_device_batch = _as_int("per-device batch", per_device_batch, 1, 64, "try 1")
+        self.per_device_batch = self._per_device_batch(per_device_batch, default_per_device_batch(plan))
+        self.executable_store = executable_store or ExecutableStore(None)
         self.timings = TimingLog()
         self._executables: dict[gen.ShapeKey, Any] = {}
         self._token_cache: dict[str, tuple[np.ndarray, str | None]] = {}
-        self._last_call: dict | None = None
+        self._last_call: tuple[GenerationRequest, int] | None = None  # and its per-device batch
         start = time.perf_counter()
         self.params = place_replicated(model.params, plan)
         self.scheduler_state = place_replicated(model.scheduler_state, plan)
@@ -104,6 +118,12 @@ class Session:
         """Images per compiled call: every device gets `per_device_batch` of them."""
         return self.plan.count * self.per_device_batch
 
+    @staticmethod
+    def _per_device_batch(value: Any, default: int) -> int:
+        if value is None:
+            return default
+        return _as_int("per-device batch", value, 1, MAX_PER_DEVICE_BATCH, f"e.g. --per-device-batch {default}")
+
     @property
     def safety_checker(self) -> bool:
         return "safety_checker" in self.params
@@ -116,8 +136,9 @@ class Session:
         # A replicated array reports its logical size: the bytes each device holds.
         param_mb = sum(x.nbytes for x in jax.tree_util.tree_leaves(self.params)) / 1e6
         checker = "safety checker on" if self.safety_checker else "safety checker off"
+        per_call = f"{self.per_device_batch} image{'s' if self.per_device_batch != 1 else ''} per device per call"
         return (
-            f"sdmagic: {self.plan.describe()} | model {self.model.name} ({self.model.scheduler_name},"
+            f"sdmagic: {self.plan.describe()}, {per_call} | model {self.model.name} ({self.model.scheduler_name},"
             f" {self.model.dtype}, {param_mb:.0f} MB per device) | {checker} |"
             f" loaded in {self.model.load_seconds + self.place_seconds:.1f} s"
         )
@@ -209,30 +230,61 @@ class Session:
 
     # ------------------------------------------------------------------ compiling and running
 
-    def shape_key(self, request: GenerationRequest) -> gen.ShapeKey:
+    def shape_key(self, request: GenerationRequest, per_device_batch: int | None = None) -> gen.ShapeKey:
+        per_device = self._per_device_batch(per_device_batch, self.per_device_batch)
         return gen.ShapeKey(
             steps=request.steps,
             height=request.height,
             width=request.width,
-            batch=self.batch,
+            batch=self.plan.count * per_device,
             safety=self.safety_checker,
             scheduler=self.model.scheduler_name,
             dtype=self.model.dtype,
         )
 
-    def executable(self, key: gen.ShapeKey) -> tuple[Any, float]:
-        """The compiled executable for `key` and the seconds spent compiling it now (0 if cached)."""
+    def executable(self, key: gen.ShapeKey) -> tuple[Any, float, str]:
+        """The executable for `key`, the seconds it cost now, and where it came from:
+        "memory" (this session had it; 0 s), "disk" (saved by an earlier session) or "compiled"."""
         if self._closed:
             raise SDMagicError("this session was closed (a newer %sd_setup replaced it): use the new one")
         if key in self._executables:
-            return self._executables[key], 0.0
-        executable, seconds = gen.compile_generate(self.model, key, self.plan, self.params, self.scheduler_state)
+            return self._executables[key], 0.0, "memory"
+        start = time.perf_counter()
+        arguments = gen.argument_specs(self.model, key, self.plan, self.params, self.scheduler_state)
+        digest = executable_key(self.model, key, self.plan, arguments) if self.executable_store.enabled else ""
+        executable = self.executable_store.load(digest, self.plan)
+        if executable is not None:
+            source = "disk"
+        else:
+            executable, _ = gen.compile_generate(self.model, key, self.plan, arguments)
+            self.executable_store.store(digest, executable)
+            source = "compiled"
         self._executables[key] = executable
-        return executable, seconds
+        return executable, time.perf_counter() - start, source
 
-    def run(self, request: GenerationRequest) -> GenerationResult:
-        """Generate the images of a validated request, in calls of one fixed shape."""
-        key = self.shape_key(request)
+    def warmup(
+        self,
+        *,
+        steps: int = 50,
+        height: int | None = None,
+        width: int | None = None,
+        per_device_batch: int | None = None,
+    ) -> tuple[gen.ShapeKey, float, str]:
+        """Compile (or load) the executable for a shape now, so the first cell of it runs at once."""
+        request = self.make_request(["warm-up"], seed=0, steps=steps, height=height, width=width)
+        key = self.shape_key(request, per_device_batch)
+        _, seconds, source = self.executable(key)
+        return key, seconds, source
+
+    def run(
+        self, request: GenerationRequest, *, per_device_batch: int | None = None, progress: bool | None = None
+    ) -> GenerationResult:
+        """Generate the images of a validated request, in calls of one fixed shape.
+
+        `progress`: a bar across calls (tqdm.auto: a widget in Jupyter, text in a terminal);
+        by default shown when the request needs more than one call.
+        """
+        key = self.shape_key(request, per_device_batch)
         messages = []
         ids, cuts = zip(*(self._tokens(p) for p in request.prompts))
         for index, (prompt, cut) in enumerate(zip(request.prompts, cuts)):
@@ -248,7 +300,7 @@ class Session:
             messages.append(f"the negative prompt was cut after {self.model.max_tokens} tokens: {neg_cut!r} dropped")
             warnings.warn(messages[-1], PromptTruncatedWarning, stacklevel=3)
 
-        executable, compile_seconds = self.executable(key)
+        executable, compile_seconds, compiled_from = self.executable(key)
         start = time.perf_counter()
         count = len(request.prompts)
         calls = math.ceil(count / key.batch)
@@ -274,11 +326,17 @@ class Session:
                     guidance_dev,
                 )
             )
-        pixels = np.concatenate([np.asarray(p) for p, _ in pending])[:count]
-        nsfw = np.concatenate([np.asarray(f) for _, f in pending])[:count]
+        show_bar = calls > 1 if progress is None else bool(progress)
+        fetched = []
+        with tqdm(total=count, unit="image", desc="sdmagic", disable=not show_bar, leave=False) as bar:
+            for c, (p, f) in enumerate(pending):
+                fetched.append((np.asarray(p), np.asarray(f)))
+                bar.update(min(key.batch, count - c * key.batch))
+        pixels = np.concatenate([p for p, _ in fetched])[:count]
+        nsfw = np.concatenate([f for _, f in fetched])[:count]
         run_seconds = time.perf_counter() - start
         self.timings.add(RunRecord(count, compile_seconds, run_seconds, key.describe()))
-        self._last_call = request
+        self._last_call = (request, key.batch // self.plan.count)
         return GenerationResult(
             images=to_pil(pixels),
             prompts=list(request.prompts),
@@ -294,6 +352,8 @@ class Session:
             compile_seconds=compile_seconds,
             run_seconds=run_seconds,
             calls=calls,
+            compiled_from=compiled_from,
+            batch=key.batch,
             seed_was_random=request.seed_was_random,
             warnings=messages,
         )
@@ -309,11 +369,15 @@ class Session:
         width: int | None = None,
         negative: str | None = None,
         images_per_prompt: int = 1,
+        per_device_batch: int | None = None,
+        progress: bool | None = None,
     ) -> GenerationResult:
         """Images for `prompts` (prompt-major, `images_per_prompt` each); image i uses seed `seed + i`.
 
         Without a seed a random one is drawn and reported in the result. Height and width default
         to the model's native size and must be multiples of what the model needs.
+        `per_device_batch` overrides the session's images per device per call (a new shape: one
+        compile); the same seed gives the same images whatever the batch.
         """
         request = self.make_request(
             prompts,
@@ -325,20 +389,22 @@ class Session:
             negative=negative,
             images_per_prompt=images_per_prompt,
         )
-        return self.run(request)
+        # Checked before any device work, like everything in make_request.
+        per_device = self._per_device_batch(per_device_batch, self.per_device_batch)
+        return self.run(request, per_device_batch=per_device, progress=progress)
 
     def time_runs(self, runs: int = 3) -> TimingReport:
         """Re-run the last request `runs` times (same seeds) and report steady-state seconds."""
         runs = _as_int("runs", runs, 1, 1000, "e.g. --runs 5")
         if self._last_call is None:
             raise SDMagicError("nothing to time yet: run a %%sd cell (or session.generate) first")
-        request = self._last_call
+        request, per_device = self._last_call
         seconds, compiled = [], 0.0
         for _ in range(runs):
-            result = self.run(request)
+            result = self.run(request, per_device_batch=per_device, progress=False)
             seconds.append(result.run_seconds)
             compiled += result.compile_seconds
-        return TimingReport(seconds, len(request.prompts), compiled, self.shape_key(request).describe())
+        return TimingReport(seconds, len(request.prompts), compiled, self.shape_key(request, per_device).describe())
 
 
 def shorten_for_warning(prompt: str) -> str:
@@ -353,17 +419,30 @@ def setup(
     scheduler: str | None = None,
     safety_checker: bool = True,
     devices: Sequence[Any] | int | None = None,
-    per_device_batch: int = 1,
+    per_device_batch: int | None = None,
+    cache: bool = True,
+    cache_dir: str | os.PathLike | None = None,
     replacing: Session | None = None,
 ) -> Session:
     """Find the devices, load `model` and place its parameters on every device.
 
+    `per_device_batch`: images per device per call (default: what suits the backend, see
+    `devices.default_per_device_batch`). `cache`: keep compiled code on disk, in `cache_dir`
+    (default `$SDMAGIC_CACHE_DIR` or ~/.cache/sdmagic/compiled), so a restarted kernel does not
+    compile again; `cache=False` keeps it in memory only.
     `replacing` is a session to free once the new model has loaded on the host: a mistake in the
     arguments (or a model that cannot be found) leaves it untouched and usable.
     """
     plan = find_devices(devices)
     dtype = resolve_dtype(dtype, plan.backend)
+    Session._per_device_batch(per_device_batch, 1)  # a mistake costs nothing: checked before loading
+    directory = None
+    if cache:
+        directory = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        if directory.exists() and not directory.is_dir():
+            raise SDMagicError(f"cache directory {str(directory)!r} is a file: give a folder, or --no-cache")
     loaded = load_model(model, revision=revision, dtype=dtype, scheduler=scheduler, safety_checker=safety_checker)
+    configure_jax_cache(directory)
     if replacing is not None:
         replacing.close()
-    return Session(loaded, plan, per_device_batch=per_device_batch)
+    return Session(loaded, plan, per_device_batch=per_device_batch, executable_store=ExecutableStore(directory))

@@ -4,7 +4,10 @@ XLA_FLAGS must be set before JAX is imported anywhere, which is why it happens a
 file, before any sdmagic import.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -12,6 +15,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault(
     "SDMAGIC_HOME", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "sdmagic-home")
 )
+# Compiled code is cached on disk by default; every test run starts from an empty cache so that
+# "compiled" means compiled, and tests about the cache say so explicitly.
+os.environ["SDMAGIC_CACHE_DIR"] = tempfile.mkdtemp(prefix="sdmagic-test-cache-")
+atexit.register(shutil.rmtree, os.environ["SDMAGIC_CACHE_DIR"], ignore_errors=True)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -33,10 +33,12 @@ def test_sd_before_setup_is_a_usage_error(shell):
 
 def test_help_lists_every_option(shell):
     setup_doc = shell.find_line_magic("sd_setup").__doc__
-    for option in ("--model", "--revision", "--dtype", "--scheduler", "--no-safety-checker"):
+    for option in ("--model", "--revision", "--dtype", "--scheduler", "--no-safety-checker", "--per-device-batch",
+                   "--cache-dir", "--no-cache", "--warmup"):
         assert option in setup_doc
     sd_doc = shell.find_cell_magic("sd").__doc__
-    for option in ("--seed", "--steps", "--guidance", "--height", "--width", "--negative", "--n", "--cols"):
+    for option in ("--seed", "--steps", "--guidance", "--height", "--width", "--negative", "--n", "--cols",
+                   "--per-device-batch"):
         assert option in sd_doc
     with capture_output() as captured:
         shell.run_cell("%sd_time?")
@@ -44,9 +46,10 @@ def test_help_lists_every_option(shell):
 
 
 def test_cells_compile_once_and_show_a_grid(shell, compiles):
+    # --no-cache: the first cell must really compile here (tests/test_compile_cache.py covers disk).
     with capture_output() as captured:
-        shell.run_line_magic("sd_setup", "--model tiny")
-    assert "8 x cpu" in captured.stdout and "model tiny" in captured.stdout and "loaded in" in captured.stdout
+        shell.run_line_magic("sd_setup", "--model tiny --no-cache")
+    assert "8 x cpu, 1 image per device per call" in captured.stdout and "model tiny" in captured.stdout and "loaded in" in captured.stdout
 
     with compiles:
         first, shown = cell(shell, f"--seed 3 --steps {STEPS}", "a red fox in the snow\n# a comment\n\na cat knight\nconcept art of a planet\n")
@@ -106,6 +109,8 @@ def test_sd_time_reports_compile_apart_from_inference(shell):
         ("--cols 0", "a", "--cols must be at least 1"),
         ("stray words", "a", "put prompts in the cell"),
         ("--negative 'unclosed", "a", "close every quote"),
+        ("--per-device-batch 0", "a", "per-device batch must be from 1 to 64"),
+        ("--per-device-batch two", "a", "per-device batch must be a whole number"),
     ],
 )
 def test_sd_errors_are_usage_errors(shell, line, body, message):
@@ -123,6 +128,9 @@ def test_sd_errors_are_usage_errors(shell, line, body, message):
         ("--model ./does/not/exist", "does not exist"),
         ("--devices 0", "--devices must be at least 1"),
         ("--nope", "unrecognized arguments"),
+        ("--model tiny --per-device-batch 0", "per-device batch must be from 1 to 64"),
+        ("--model tiny --no-cache --cache-dir /tmp/x", "contradict"),
+        ("--model tiny --cache-dir " + __file__, "is a file"),
     ],
 )
 def test_setup_errors_keep_the_loaded_model(shell, line, message):
