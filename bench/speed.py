@@ -253,7 +253,7 @@ def main(argv=None) -> dict:
     # Captions cost a little Pillow work per image; shown apart so the ratio compares like with like.
     caption_seconds = statistics.median(timed(lambda: first_result.grid(cols))[0] for _ in range(5))
     device_peak = device_peak_bytes(devices)
-    del p_params, host_params
+    p_params = host_params = None  # the original's copies go before the DPM session places its own
 
     # ---- DPM-Solver++ at fewer steps against PNDM at the notebook's 50
     session.close()

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
@@ -94,7 +93,7 @@ def test_per_device_batch_fills_devices_with_the_same_images(session8, capsys):
     assert np.abs(pixels(one) - pixels(two)).max() <= 2
     # Two calls: a progress bar across them (text in a terminal).
     assert "sdmagic" in capsys.readouterr().err
-    single = session8.generate(prompts[:8], seed=40, steps=STEPS)
+    session8.generate(prompts[:8], seed=40, steps=STEPS)
     assert "sdmagic" not in capsys.readouterr().err  # one call: no bar
 
 
