@@ -68,6 +68,22 @@ def _clip_pixels(images: jax.Array, feature_extractor: Any) -> jax.Array:
     return (x - mean) / std
 
 
+def _pair(unconditional: jax.Array, conditional: jax.Array) -> jax.Array:
+    """[u0, c0, u1, c1, ...]: each image's two guidance rows side by side.
+
+    diffusers concatenates [u0, u1, ..., c0, c1, ...]; on a batch split over devices that puts
+    an image's two rows on different devices, and every step then pays for resharding collectives
+    (all-to-all, collective-permute). Interleaved, each device keeps its own images' rows, as pmap
+    would. Rows are independent through the UNet, so the images are the same.
+    """
+    return jnp.stack([unconditional, conditional], axis=1).reshape((-1,) + unconditional.shape[1:])
+
+
+def _unpair(rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+    paired = rows.reshape((-1, 2) + rows.shape[1:])
+    return paired[:, 0], paired[:, 1]
+
+
 def build_generate(model: Any, key: ShapeKey) -> Callable:
     """The function compiled for `key`: (params, scheduler_state, ids, neg_ids, seeds, guidance)
     -> (uint8 images [B, H, W, 3], nsfw flags [B])."""
@@ -81,14 +97,14 @@ def build_generate(model: Any, key: ShapeKey) -> Callable:
     def generate(params, scheduler_state, prompt_ids, neg_prompt_ids, seeds, guidance):
         prompt_embeds = pipe.text_encoder(prompt_ids, params=params["text_encoder"])[0]
         negative_prompt_embeds = pipe.text_encoder(neg_prompt_ids, params=params["text_encoder"])[0]
-        context = jnp.concatenate([negative_prompt_embeds, prompt_embeds])
+        context = _pair(negative_prompt_embeds, prompt_embeds)
         # float32 so the scheduler sees float32 model output, as in diffusers.
         guidance_scale = guidance.astype(jnp.float32)[:, None, None, None]
         latents = initial_noise(seeds, latent_shape)
 
         def loop_body(step, args):
             latents, state = args
-            latents_input = jnp.concatenate([latents] * 2)
+            latents_input = _pair(latents, latents)
             t = jnp.array(state.timesteps, dtype=jnp.int32)[step]
             timestep = jnp.broadcast_to(t, latents_input.shape[0])
             latents_input = scheduler.scale_model_input(state, latents_input, t)
@@ -98,7 +114,7 @@ def build_generate(model: Any, key: ShapeKey) -> Callable:
                 jnp.array(timestep, dtype=jnp.int32),
                 encoder_hidden_states=context,
             ).sample
-            noise_pred_uncond, noise_prediction_text = jnp.split(noise_pred, 2, axis=0)
+            noise_pred_uncond, noise_prediction_text = _unpair(noise_pred)
             noise_pred = noise_pred_uncond + guidance_scale * (noise_prediction_text - noise_pred_uncond)
             latents, state = scheduler.step(state, noise_pred, t, latents).to_tuple()
             return latents, state
