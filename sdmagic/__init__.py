@@ -20,9 +20,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GenerationResult",
+    "Prompt",
     "SDMagicError",
     "Session",
     "load_ipython_extension",
+    "read_parameters",
     "setup",
     "unload_ipython_extension",
 ]
@@ -33,6 +35,8 @@ _LAZY = {
     "setup": ("session", "setup"),
     "Session": ("session", "Session"),
     "GenerationResult": ("output", "GenerationResult"),
+    "Prompt": ("prompts", "Prompt"),
+    "read_parameters": ("saving", "read_parameters"),
 }
 
 
@@ -46,7 +50,7 @@ def __getattr__(name: str):
 
 
 def load_ipython_extension(ipython) -> None:
-    """`%load_ext sdmagic`: register %sd_setup, %sd / %%sd and %sd_time."""
+    """`%load_ext sdmagic`: register %sd_setup, %sd / %%sd, %sd_time, %sd_history, %sd_show, %sd_from_png."""
     from .magics import SDMagics
 
     ipython.register_magics(SDMagics)
@@ -59,7 +63,9 @@ def unload_ipython_extension(ipython) -> None:
     magics = ipython.magics_manager.registry.pop(SDMagics.__name__, None)
     if magics is not None and magics.session is not None:
         magics.session.close()
+    if magics is not None and magics in getattr(ipython, "configurables", []):
+        ipython.configurables.remove(magics)
     for kind in ("line", "cell"):
         table = ipython.magics_manager.magics[kind]
-        for name in ("sd_setup", "sd", "sd_time"):
+        for name in ("sd_setup", "sd", "sd_time", "sd_history", "sd_show", "sd_from_png"):
             table.pop(name, None)

@@ -6,15 +6,17 @@ the API, so the notebook and a script get the same checks and the same messages.
 
 from __future__ import annotations
 
+import argparse
 import shlex
 from contextlib import contextmanager
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
+from traitlets import Float, Integer, Unicode, observe
 
 from .errors import SDMagicError
-from .prompts import parse_prompts
+from .prompts import Prompt, parse_prompt_lines
 
 
 @contextmanager
@@ -39,16 +41,74 @@ def _parse(magic, line: str):
         raise UsageError(f"{err} (see %{name}? for the options)") from None
 
 
+_LINE_OPTIONS = ("--seed", "--n", "--guidance", "--negative", "--steps", "--height", "--width")
+
+
+class _LineOptionParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise SDMagicError(message)
+
+
+def _line_option_parser() -> argparse.ArgumentParser:
+    parser = _LineOptionParser(prog="", add_help=False, allow_abbrev=False)
+    for option in _LINE_OPTIONS:
+        parser.add_argument(option, default=None)
+    return parser
+
+
+def _prompts_of_cell(cell: str) -> list[Prompt]:
+    """The cell's prompts, each with the options written after its ' -- '."""
+    parser = _line_option_parser()
+    prompts = []
+    for number, text, options in parse_prompt_lines(cell):
+        if not options:
+            prompts.append(Prompt(text))
+            continue
+        try:
+            words = shlex.split(options)
+            parsed = vars(parser.parse_args(words))
+        except (ValueError, SDMagicError) as err:
+            raise UsageError(
+                f"line {number} of the cell: {err} (options after ' -- ' may be {', '.join(_LINE_OPTIONS)})"
+            ) from None
+        if not text:
+            raise UsageError(f"line {number} of the cell has options but no prompt before ' -- '")
+        prompts.append(Prompt(text, **parsed))
+    return prompts
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
 @magics_class
 class SDMagics(Magics):
-    """%sd_setup, %sd / %%sd and %sd_time over one `sdmagic.Session`."""
+    """%sd_setup, %sd / %%sd, %sd_time, %sd_history, %sd_show and %sd_from_png over one `sdmagic.Session`.
 
-    # The default %%sd steps, which --warmup compiles for.
-    default_steps = 50
+    Every %%sd option has a default you can set with %config, e.g. `%config SDMagics.default_steps = 25`.
+    """
 
-    def __init__(self, shell=None):
-        super().__init__(shell)
+    default_seed = Integer(None, allow_none=True, help="seed of a cell's first image (None: random)").tag(config=True)
+    default_steps = Integer(50, help="denoising steps; also the shape %sd_setup --warmup compiles").tag(config=True)
+    default_guidance = Float(7.5, help="classifier-free guidance scale").tag(config=True)
+    default_height = Integer(None, allow_none=True, help="image height (None: the model's native size)").tag(config=True)
+    default_width = Integer(None, allow_none=True, help="image width (None: the model's native size)").tag(config=True)
+    default_negative = Unicode(None, allow_none=True, help="negative prompt").tag(config=True)
+    default_n = Integer(1, help="images per prompt").tag(config=True)
+    default_cols = Integer(None, allow_none=True, help="grid columns (None: up to 4)").tag(config=True)
+    default_per_device_batch = Integer(None, allow_none=True, help="images per device per call (None: %sd_setup's)").tag(config=True)
+    save_dir = Unicode(None, allow_none=True, help="folder every %%sd cell saves to (None: save only with --save)").tag(config=True)
+    history_images = Integer(256, help="images the session's history keeps in memory; older runs' are dropped").tag(config=True)
+
+    def __init__(self, shell=None, **kwargs):
+        super().__init__(shell, **kwargs)
         self.session = None
+
+    @observe("history_images")
+    def _history_cap_changed(self, change):
+        if self.session is not None:
+            self.session.history.max_images = change["new"]
+            self.session.history.trim()
 
     def _require_session(self):
         if self.session is None:
@@ -93,57 +153,73 @@ class SDMagics(Magics):
                 cache_dir=args.cache_dir,
                 replacing=self.session,
             )
+            self.session.history.max_images = self.history_images
         print(self.session.describe())
         if args.warmup:
             with _usage_errors():
-                key, seconds, source = self.session.warmup(steps=self.default_steps)
+                key, seconds, source = self.session.warmup(
+                    steps=self.default_steps,
+                    height=self.default_height,
+                    width=self.default_width,
+                    per_device_batch=self.default_per_device_batch,
+                )
             how = "loaded from the compile cache" if source == "disk" else source
             print(f"warm-up: {key.describe()} {how} in {seconds:.1f} s")
 
     @magic_arguments()
     @argument("--seed", default=None, help="seed of the first image; image i uses seed + i (default: random, shown)")
     @argument("--steps", default=None, help="denoising steps (default 50)")
-    @argument("--guidance", default=7.5, help="classifier-free guidance scale (default 7.5)")
+    @argument("--guidance", default=None, help="classifier-free guidance scale (default 7.5)")
     @argument("--height", default=None, help="image height in pixels (default: the model's native size)")
     @argument("--width", default=None, help="image width in pixels (default: the model's native size)")
     @argument("--negative", default=None, help="negative prompt, quoted if it has spaces")
-    @argument("--n", default=1, help="images per prompt (default 1)")
+    @argument("--n", default=None, help="images per prompt (default 1)")
     @argument("--cols", default=None, help="grid columns (default: up to 4)")
     @argument("--per-device-batch", default=None, help="images per device per call, for this cell (default: %sd_setup's)")
+    @argument("--save", default=None, metavar="DIR", help="write each image (PNG with its parameters) and the grid to DIR")
+    @argument("--no-save", action="store_true", help="do not save this cell even if SDMagics.save_dir is set")
     @argument("prompt", nargs="*", help="line form only: the prompt, e.g. %%sd --seed 3 a red fox")
     @line_cell_magic
     def sd(self, line, cell=None):
         """Generate images: one prompt per line of the cell (lines starting with # are comments).
 
+        A line may end with options of its own after ' -- ', e.g.
+        `a red fox in snow -- --seed 7 --n 2 --guidance 5` (also --negative, --steps, --height,
+        --width); lines of other sizes or steps run in their own compiled calls.
         All prompts are spread over every device in calls of one compiled shape; the result is
-        returned (so `_` holds it) and shows itself as a captioned grid.
+        returned (so `_` holds it) and shows itself as a captioned grid. Defaults come from
+        %config SDMagics.default_* (see the README).
         """
         args = _parse(self.sd, line)
         if cell is None:
-            prompts = [" ".join(args.prompt)] if args.prompt else []
+            prompts = [Prompt(" ".join(args.prompt))] if args.prompt else []
         elif args.prompt:
             raise UsageError(
                 f"unexpected text on the %%sd line: {' '.join(args.prompt)!r}; put prompts in the cell, one per line"
             )
         else:
-            prompts = parse_prompts(cell)
+            prompts = _prompts_of_cell(cell)
         if not prompts:
             raise UsageError("no prompts: write one prompt per line in the %%sd cell (or %sd a red fox)")
+        if args.save and args.no_save:
+            raise UsageError("--save and --no-save contradict each other: give one of them")
         session = self._require_session()
         with _usage_errors():
+            cols = _or(args.cols, self.default_cols)
+            cols = None if cols is None else _whole(cols, "--cols")
             result = session.generate(
                 prompts,
-                seed=args.seed,
-                steps=self.default_steps if args.steps is None else args.steps,
-                guidance=args.guidance,
-                height=args.height,
-                width=args.width,
-                negative=args.negative,
-                images_per_prompt=args.n,
-                per_device_batch=args.per_device_batch,
+                seed=_or(args.seed, self.default_seed),
+                steps=_or(args.steps, self.default_steps),
+                guidance=_or(args.guidance, self.default_guidance),
+                height=_or(args.height, self.default_height),
+                width=_or(args.width, self.default_width),
+                negative=_or(args.negative, self.default_negative),
+                images_per_prompt=_or(args.n, self.default_n),
+                per_device_batch=_or(args.per_device_batch, self.default_per_device_batch),
+                save=None if args.no_save else _or(args.save, self.save_dir),
             )
-            if args.cols is not None:
-                result.display_cols = _whole(args.cols, "--cols")
+            result.display_cols = cols
         if result.seed_was_random:
             print(f"random seed {result.seeds[0]} (repeat with --seed {result.seeds[0]})")
         return result
@@ -162,6 +238,49 @@ class SDMagics(Magics):
             report = session.timings.summary() if args.runs is None else session.time_runs(args.runs)
         print(repr(report))
         return report if args.output else None
+
+    @magic_arguments()
+    @argument("-o", dest="output", action="store_true", help="return the history table object")
+    @line_magic
+    def sd_history(self, line):
+        """List this session's runs: number, images, prompts, seeds, size, steps, timings, saved folder."""
+        args = _parse(self.sd_history, line)
+        table = self._require_session().history.table()
+        print(repr(table))
+        return table if args.output else None
+
+    @magic_arguments()
+    @argument("number", help="the run's number in %sd_history")
+    @argument("--cols", default=None, help="grid columns")
+    @argument("--save", default=None, metavar="DIR", help="also write its images and grid to DIR")
+    @line_magic
+    def sd_show(self, line):
+        """Show run N of %sd_history again (its grid), optionally saving it with --save DIR."""
+        args = _parse(self.sd_show, line)
+        session = self._require_session()
+        with _usage_errors():
+            result = session.history[_whole(args.number, "run number")]
+            if not result.images_in_memory:
+                raise SDMagicError(
+                    f"run {result.number}'s images were dropped from memory to stay under"
+                    f" SDMagics.history_images = {self.history_images}; {result._files_note()}"
+                )
+            if args.cols is not None:
+                result.display_cols = _whole(args.cols, "--cols")
+            if args.save:
+                result.save(args.save)
+        return result
+
+    @magic_arguments()
+    @argument("file", help="a PNG saved by sdmagic (or AUTOMATIC1111) with its 'parameters'")
+    @argument("--save", default=None, metavar="DIR", help="save the new image to DIR")
+    @line_magic
+    def sd_from_png(self, line):
+        """Make a saved image again from the settings in its PNG: same prompt, seed, steps, guidance, size."""
+        args = _parse(self.sd_from_png, line)
+        session = self._require_session()
+        with _usage_errors():
+            return session.generate_from_png(args.file, save=_or(args.save, self.save_dir))
 
 
 def _whole(value: str, option: str) -> int:

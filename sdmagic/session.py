@@ -11,7 +11,7 @@ import os
 import secrets
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,7 +24,9 @@ from .compile_cache import ExecutableStore, configure_jax_cache, default_cache_d
 from .devices import DevicePlan, default_per_device_batch, find_devices, place_batch, place_replicated
 from .errors import SDMagicError
 from .models import LoadedModel, load_model, resolve_dtype
-from .output import GenerationResult, to_pil
+from .output import GenerationResult, ImageInfo, to_pil
+from .prompts import Prompt
+from .history import History
 from .timing import RunRecord, TimingLog, TimingReport
 
 MAX_SEED = 2**32 - 1  # PRNGKey takes a 32-bit seed
@@ -38,18 +40,27 @@ class PromptTruncatedWarning(UserWarning):
     """A prompt was longer than the text encoder reads; the warning says what was cut."""
 
 
+class SaveFailedWarning(UserWarning):
+    """Images could not be written; they are still in the result and the session's history."""
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
-    """A validated request: one entry per image, prompt-major, with its seed."""
+    """Validated images of one compiled shape: one entry per image, in cell order.
+
+    `positions` are the images' indices in the whole cell, which may span several requests when
+    its lines ask for different sizes or steps.
+    """
 
     prompts: tuple[str, ...]
     seeds: tuple[int, ...]
-    negative: str | None
+    negatives: tuple[str | None, ...]
+    guidances: tuple[float, ...]
     steps: int
-    guidance: float
     height: int
     width: int
     seed_was_random: bool
+    positions: tuple[int, ...] = ()
 
 
 def _as_int(name: str, value: Any, minimum: int, maximum: int, hint: str) -> int:
@@ -101,7 +112,8 @@ class Session:
         self.timings = TimingLog()
         self._executables: dict[gen.ShapeKey, Any] = {}
         self._token_cache: dict[str, tuple[np.ndarray, str | None]] = {}
-        self._last_call: tuple[GenerationRequest, int] | None = None  # and its per-device batch
+        self._last_call: tuple[list[GenerationRequest], int] | None = None  # and its per-device batch
+        self.history = History()
         start = time.perf_counter()
         self.params = place_replicated(model.params, plan)
         self.scheduler_state = place_replicated(model.scheduler_state, plan)
@@ -160,9 +172,21 @@ class Session:
 
     # ------------------------------------------------------------------ requests
 
-    def make_request(
+    def _size(self, name: str, value: Any) -> int:
+        multiple = self.model.size_multiple
+        if value is None:
+            value = self.model.default_size
+        value = _as_int(name, value, 1, MAX_SIDE, f"use a multiple of {multiple}, e.g. {self.model.default_size}")
+        if value % multiple:
+            lower = max(multiple, value - value % multiple)
+            raise SDMagicError(
+                f"{name} {value} is not a multiple of {multiple}, which this model needs: try {lower} or {lower + multiple}"
+            )
+        return value
+
+    def make_requests(
         self,
-        prompts: Sequence[str] | str,
+        prompts: Sequence[str | Prompt] | str | Prompt,
         *,
         seed: int | None = None,
         steps: int = 50,
@@ -171,46 +195,84 @@ class Session:
         width: int | None = None,
         negative: str | None = None,
         images_per_prompt: int = 1,
-    ) -> GenerationRequest:
-        """Validate everything before any device work, so a mistake costs nothing."""
-        if isinstance(prompts, str):
+    ) -> list[GenerationRequest]:
+        """Validate everything before any device work, so a mistake costs nothing.
+
+        A `Prompt` may override any option for its own images; images are grouped into one request
+        per compiled shape (steps, height, width), keeping their place in the cell.
+        """
+        if isinstance(prompts, (str, Prompt)):
             prompts = [prompts]
-        prompts = [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
-        if not prompts:
+        items = [p if isinstance(p, Prompt) else Prompt(p) for p in prompts if isinstance(p, (str, Prompt))]
+        items = [replace(p, text=p.text.strip()) for p in items if p.text and p.text.strip()]
+        if not items:
             raise SDMagicError("no prompts: give at least one prompt (one per line in a %%sd cell)")
-        steps = _as_int("steps", steps, 1, MAX_STEPS, "e.g. --steps 50 (or 25 with --scheduler dpm)")
-        guidance = _as_float("guidance", guidance, "e.g. --guidance 7.5")
-        n = _as_int("images per prompt", images_per_prompt, 1, MAX_IMAGES_PER_PROMPT, "e.g. --n 2")
-        multiple = self.model.size_multiple
-        sizes = []
-        for name, value in (("height", height), ("width", width)):
-            if value is None:
-                value = self.model.default_size
-            value = _as_int(name, value, 1, MAX_SIDE, f"use a multiple of {multiple}, e.g. {self.model.default_size}")
-            if value % multiple:
-                lower = max(multiple, value - value % multiple)
-                raise SDMagicError(
-                    f"{name} {value} is not a multiple of {multiple}, which this model needs:"
-                    f" try {lower} or {lower + multiple}"
-                )
-            sizes.append(value)
-        if negative is not None and not isinstance(negative, str):
-            raise SDMagicError(f"negative prompt must be text, got {type(negative).__name__}")
-        count = len(prompts) * n
+        chosen = []
+        for number, item in enumerate(items, start=1):
+            # Mistakes name the prompt when the cell has several, or the prompt has options of its own.
+            named = len(items) > 1 or item != Prompt(item.text)
+            where = f"prompt {number} ({shorten_for_warning(item.text)!r}): " if named else ""
+            try:
+                options = self._image_options(item, steps, guidance, height, width, negative, images_per_prompt)
+                if item.seed is not None:
+                    hint = "use a non-negative integer, e.g. --seed 3"
+                    options["seed"] = _as_int("seed", item.seed, 0, MAX_SEED - options["n"] + 1, hint)
+            except SDMagicError as err:
+                raise SDMagicError(where + str(err)) from None
+            chosen.append((item, options))
+        count = sum(options["n"] for _, options in chosen)
         seed_was_random = seed is None
         if seed is None:
             seed = secrets.randbelow(2**31)
+        # Image i of the cell uses seed + i, so the whole cell's range must fit in 32 bits.
         seed = _as_int("seed", seed, 0, MAX_SEED - count + 1, "use a non-negative integer, e.g. --seed 3")
-        return GenerationRequest(
-            prompts=tuple(p for p in prompts for _ in range(n)),
-            seeds=tuple(range(seed, seed + count)),
-            negative=negative.strip() if negative and negative.strip() else None,
-            steps=steps,
-            guidance=guidance,
-            height=sizes[0],
-            width=sizes[1],
-            seed_was_random=seed_was_random,
-        )
+        groups: dict[tuple[int, int, int], dict[str, list]] = {}
+        index = 0
+        for item, options in chosen:
+            n = options["n"]
+            first = options.get("seed", seed + index)
+            group = groups.setdefault((options["steps"], options["height"], options["width"]), {
+                "prompts": [], "seeds": [], "negatives": [], "guidances": [], "positions": []})
+            for j in range(n):
+                group["prompts"].append(item.text)
+                group["seeds"].append(first + j)
+                group["negatives"].append(options["negative"])
+                group["guidances"].append(options["guidance"])
+                group["positions"].append(index + j)
+            index += n
+        return [
+            GenerationRequest(
+                prompts=tuple(g["prompts"]), seeds=tuple(g["seeds"]), negatives=tuple(g["negatives"]),
+                guidances=tuple(g["guidances"]), steps=key[0], height=key[1], width=key[2],
+                seed_was_random=seed_was_random, positions=tuple(g["positions"]),
+            )
+            for key, g in groups.items()
+        ]
+
+    def _image_options(self, item: Prompt, steps, guidance, height, width, negative, images_per_prompt) -> dict:
+        """One prompt's options: its own where given, else the call's; all validated."""
+
+        def pick(own, default):
+            return default if own is None else own
+
+        chosen_negative = pick(item.negative, negative)
+        if chosen_negative is not None and not isinstance(chosen_negative, str):
+            raise SDMagicError(f"negative prompt must be text, got {type(chosen_negative).__name__}")
+        return {
+            "steps": _as_int("steps", pick(item.steps, steps), 1, MAX_STEPS, "e.g. --steps 50 (or 25 with --scheduler dpm)"),
+            "guidance": _as_float("guidance", pick(item.guidance, guidance), "e.g. --guidance 7.5"),
+            "n": _as_int("images per prompt", pick(item.n, images_per_prompt), 1, MAX_IMAGES_PER_PROMPT, "e.g. --n 2"),
+            "height": self._size("height", pick(item.height, height)),
+            "width": self._size("width", pick(item.width, width)),
+            "negative": chosen_negative.strip() if chosen_negative and chosen_negative.strip() else None,
+        }
+
+    def make_request(self, prompts, **options) -> GenerationRequest:
+        """`make_requests` for prompts that share one shape (the usual case)."""
+        requests = self.make_requests(prompts, **options)
+        if len(requests) != 1:
+            raise SDMagicError("these prompts ask for several shapes: use make_requests")
+        return requests[0]
 
     def _tokens(self, prompt: str) -> tuple[np.ndarray, str | None]:
         """Token ids padded to the encoder's length, and the text cut off (None if nothing was)."""
@@ -276,91 +338,112 @@ class Session:
         _, seconds, source = self.executable(key)
         return key, seconds, source
 
-    def run(
-        self, request: GenerationRequest, *, per_device_batch: int | None = None, progress: bool | None = None
-    ) -> GenerationResult:
-        """Generate the images of a validated request, in calls of one fixed shape.
-
-        `progress`: a bar across calls (tqdm.auto: a widget in Jupyter, text in a terminal);
-        by default shown when the request needs more than one call.
-        """
-        key = self.shape_key(request, per_device_batch)
-        messages = []
+    def _check_tokens(self, request: GenerationRequest, messages: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids of every image's prompt and negative prompt; warns once per prompt that was cut."""
         ids, cuts = zip(*(self._tokens(p) for p in request.prompts))
         for index, (prompt, cut) in enumerate(zip(request.prompts, cuts)):
             if cut and (index == 0 or request.prompts[index - 1] != prompt):
-                message = (
+                messages.append(
                     f"prompt {shorten_for_warning(prompt)!r} is longer than the text encoder's"
                     f" {self.model.max_tokens} tokens; this part was cut: {cut!r}"
                 )
-                messages.append(message)
-                warnings.warn(message, PromptTruncatedWarning, stacklevel=3)
-        neg_ids, neg_cut = self._tokens(request.negative or "")
-        if neg_cut:
-            messages.append(f"the negative prompt was cut after {self.model.max_tokens} tokens: {neg_cut!r} dropped")
-            warnings.warn(messages[-1], PromptTruncatedWarning, stacklevel=3)
+                warnings.warn(messages[-1], PromptTruncatedWarning, stacklevel=4)
+        neg_ids, neg_cuts = zip(*(self._tokens(n or "") for n in request.negatives))
+        for negative, cut in dict(zip(request.negatives, neg_cuts)).items():
+            if cut:
+                messages.append(f"the negative prompt was cut after {self.model.max_tokens} tokens: {cut!r} dropped")
+                warnings.warn(messages[-1], PromptTruncatedWarning, stacklevel=4)
+        return np.stack(ids), np.stack(neg_ids)
 
-        executable, compile_seconds, compiled_from = self.executable(key)
-        start = time.perf_counter()
+    def _dispatch(self, request: GenerationRequest, key: gen.ShapeKey, executable: Any, messages: list[str]) -> list:
+        """Start every call of `request` on the devices; returns the pending (pixels, nsfw) pairs."""
+        ids, neg_ids = self._check_tokens(request, messages)
         count = len(request.prompts)
         calls = math.ceil(count / key.batch)
-        pad = calls * key.batch - count
         # Padding repeats the first image's inputs; its outputs are dropped before anyone sees them.
-        all_ids = np.stack(list(ids) + [ids[0]] * pad)
-        all_seeds = np.asarray(list(request.seeds) + [request.seeds[0]] * pad, dtype=np.uint32)
-        neg = np.broadcast_to(neg_ids, (key.batch, neg_ids.shape[0]))
-        guidance = np.full((key.batch,), request.guidance, dtype=np.float32)
-        neg_dev = place_batch(neg, self.plan)
-        guidance_dev = place_batch(guidance, self.plan)
-        # Dispatch every call before fetching any result, so the devices never wait on the host.
+        pad = [0] * (calls * key.batch - count)
+        ids, neg_ids = np.concatenate([ids, ids[pad]]), np.concatenate([neg_ids, neg_ids[pad]])
+        seeds = np.asarray(list(request.seeds) + [request.seeds[0]] * len(pad), dtype=np.uint32)
+        guidance = np.asarray(list(request.guidances) + [request.guidances[0]] * len(pad), dtype=np.float32)
         pending = []
         for c in range(calls):
             part = slice(c * key.batch, (c + 1) * key.batch)
-            pending.append(
-                executable(
-                    self.params,
-                    self.scheduler_state,
-                    place_batch(all_ids[part], self.plan),
-                    neg_dev,
-                    place_batch(all_seeds[part], self.plan),
-                    guidance_dev,
-                )
-            )
+            inputs = [place_batch(x[part], self.plan) for x in (ids, neg_ids, seeds, guidance)]
+            pending.append(executable(self.params, self.scheduler_state, *inputs))
+        return pending
+
+    def run_requests(
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        per_device_batch: int | None = None,
+        progress: bool | None = None,
+    ) -> GenerationResult:
+        """Generate validated requests (one per shape) as one result, images in cell order.
+
+        Executables are got first (compile seconds stay apart from run seconds); then every call of
+        every request is dispatched before any result is fetched, so the devices never wait on the
+        host. `progress`: a bar across calls (tqdm.auto: a widget in Jupyter, text in a terminal),
+        by default shown when there is more than one call.
+        """
+        keys = [self.shape_key(r, per_device_batch) for r in requests]
+        compile_seconds, compiled_from, executables = 0.0, "memory", []
+        for key in keys:
+            executable, seconds, source = self.executable(key)
+            executables.append(executable)
+            compile_seconds += seconds
+            if source != "memory":
+                compiled_from = source
+        messages: list[str] = []
+        start = time.perf_counter()
+        pending = [self._dispatch(r, k, e, messages) for r, k, e in zip(requests, keys, executables)]
+        calls = sum(len(p) for p in pending)
+        total = sum(len(r.prompts) for r in requests)
         show_bar = calls > 1 if progress is None else bool(progress)
-        fetched = []
-        with tqdm(total=count, unit="image", desc="sdmagic", disable=not show_bar, leave=False) as bar:
-            for c, (p, f) in enumerate(pending):
-                fetched.append((np.asarray(p), np.asarray(f)))
-                bar.update(min(key.batch, count - c * key.batch))
-        pixels = np.concatenate([p for p, _ in fetched])[:count]
-        nsfw = np.concatenate([f for _, f in fetched])[:count]
+        images: list = [None] * total
+        info: list = [None] * total
+        with tqdm(total=total, unit="image", desc="sdmagic", disable=not show_bar, leave=False) as bar:
+            for request, key, calls_of_request in zip(requests, keys, pending):
+                done = 0
+                for pixels, nsfw in calls_of_request:
+                    pixels, nsfw = np.asarray(pixels), np.asarray(nsfw)
+                    take = min(key.batch, len(request.prompts) - done)
+                    for j, image in enumerate(to_pil(pixels[:take])):
+                        i = done + j
+                        position = request.positions[i] if request.positions else i
+                        images[position] = image
+                        info[position] = ImageInfo(
+                            prompt=request.prompts[i], seed=request.seeds[i], negative=request.negatives[i],
+                            guidance=request.guidances[i], steps=request.steps, width=request.width,
+                            height=request.height, nsfw=bool(nsfw[j]),
+                        )
+                    done += take
+                    bar.update(take)
         run_seconds = time.perf_counter() - start
-        self.timings.add(RunRecord(count, compile_seconds, run_seconds, key.describe()))
-        self._last_call = (request, key.batch // self.plan.count)
+        shapes = "; ".join(k.describe() for k in keys)
+        self.timings.add(RunRecord(total, compile_seconds, run_seconds, shapes))
+        self._last_call = (list(requests), keys[0].batch // self.plan.count)
         return GenerationResult(
-            images=to_pil(pixels),
-            prompts=list(request.prompts),
-            seeds=list(request.seeds),
-            nsfw=[bool(x) for x in nsfw],
-            negative=request.negative,
-            steps=request.steps,
-            guidance=request.guidance,
-            height=request.height,
-            width=request.width,
+            images=images,
+            info=info,
             model=self.model.name,
             scheduler=self.model.scheduler_name,
             compile_seconds=compile_seconds,
             run_seconds=run_seconds,
             calls=calls,
             compiled_from=compiled_from,
-            batch=key.batch,
-            seed_was_random=request.seed_was_random,
+            batch=keys[0].batch,
+            seed_was_random=requests[0].seed_was_random,
             warnings=messages,
         )
 
+    def run(self, request: GenerationRequest, **options) -> GenerationResult:
+        """`run_requests` for one request."""
+        return self.run_requests([request], **options)
+
     def generate(
         self,
-        prompts: Sequence[str] | str,
+        prompts: Sequence[str | Prompt] | str | Prompt,
         *,
         seed: int | None = None,
         steps: int = 50,
@@ -371,15 +454,20 @@ class Session:
         images_per_prompt: int = 1,
         per_device_batch: int | None = None,
         progress: bool | None = None,
+        save: str | os.PathLike | None = None,
     ) -> GenerationResult:
         """Images for `prompts` (prompt-major, `images_per_prompt` each); image i uses seed `seed + i`.
 
         Without a seed a random one is drawn and reported in the result. Height and width default
-        to the model's native size and must be multiples of what the model needs.
+        to the model's native size and must be multiples of what the model needs. A `Prompt` item
+        carries options of its own (seed, n, guidance, negative, steps, height, width).
         `per_device_batch` overrides the session's images per device per call (a new shape: one
         compile); the same seed gives the same images whatever the batch.
+        `save`: a folder to write the images (PNG with A1111-style parameters) and the grid to; if
+        that fails, a SaveFailedWarning says why and the images stay in the result and history.
+        The result is added to `history`.
         """
-        request = self.make_request(
+        requests = self.make_requests(
             prompts,
             seed=seed,
             steps=steps,
@@ -389,22 +477,58 @@ class Session:
             negative=negative,
             images_per_prompt=images_per_prompt,
         )
-        # Checked before any device work, like everything in make_request.
+        # Checked before any device work, like everything in make_requests.
         per_device = self._per_device_batch(per_device_batch, self.per_device_batch)
-        return self.run(request, per_device_batch=per_device, progress=progress)
+        result = self.run_requests(requests, per_device_batch=per_device, progress=progress)
+        self.history.add(result)
+        if save is not None:
+            try:
+                result.save(save)
+            except SDMagicError as err:
+                warnings.warn(str(err), SaveFailedWarning, stacklevel=2)
+        return result
+
+    def generate_from_png(self, path: str | os.PathLike, **options) -> GenerationResult:
+        """Make the image a PNG's `parameters` describe again: same prompt, seed, steps, guidance,
+        size and negative prompt. The session must have the image's model and sampler loaded;
+        `options` go on to `generate` (e.g. `save=`)."""
+        from .saving import read_parameters, scheduler_for
+
+        params = read_parameters(path)
+        model = params.get("model")
+        if model is not None and model != self.model.name:
+            raise SDMagicError(
+                f"{Path(path).name} was made with model {model!r} but {self.model.name!r} is loaded:"
+                f" run %sd_setup --model {model} first"
+            )
+        sampler = params.get("sampler")
+        if sampler is not None:
+            wanted = scheduler_for(sampler)
+            if wanted is None:
+                raise SDMagicError(f"{Path(path).name} was made with sampler {sampler!r}, which sdmagic does not have")
+            if wanted != self.model.scheduler_name:
+                raise SDMagicError(
+                    f"{Path(path).name} was made with {sampler} but {self.model.scheduler_name} is loaded:"
+                    f" run %sd_setup --model {self.model.name} --scheduler {wanted} first"
+                )
+        if "seed" not in params:
+            raise SDMagicError(f"{Path(path).name} does not say its seed, so its image cannot be made again")
+        settings = {k: params[k] for k in ("seed", "steps", "guidance", "height", "width") if k in params}
+        return self.generate([params["prompt"]], negative=params.get("negative"), **settings, **options)
 
     def time_runs(self, runs: int = 3) -> TimingReport:
         """Re-run the last request `runs` times (same seeds) and report steady-state seconds."""
         runs = _as_int("runs", runs, 1, 1000, "e.g. --runs 5")
         if self._last_call is None:
             raise SDMagicError("nothing to time yet: run a %%sd cell (or session.generate) first")
-        request, per_device = self._last_call
+        requests, per_device = self._last_call
         seconds, compiled = [], 0.0
         for _ in range(runs):
-            result = self.run(request, per_device_batch=per_device, progress=False)
+            result = self.run_requests(requests, per_device_batch=per_device, progress=False)
             seconds.append(result.run_seconds)
             compiled += result.compile_seconds
-        return TimingReport(seconds, len(request.prompts), compiled, self.shape_key(request, per_device).describe())
+        shapes = "; ".join(self.shape_key(r, per_device).describe() for r in requests)
+        return TimingReport(seconds, sum(len(r.prompts) for r in requests), compiled, shapes)
 
 
 def shorten_for_warning(prompt: str) -> str:

@@ -154,3 +154,14 @@ def test_warmup_compiles_the_default_shape(tiny_dir):
         assert "loaded from the compile cache" in captured.stdout
     finally:
         ip.run_line_magic("unload_ext", "sdmagic")
+
+
+def test_the_compiled_call_moves_no_data_between_devices(session8):
+    """Each device keeps its own images (and their guidance pairs): no collectives in the loop."""
+    import re
+
+    key = session8.shape_key(session8.make_request(["a"], seed=0, steps=STEPS))
+    executable, _, _ = session8.executable(key)
+    text = executable.as_text()
+    for op in ("all-to-all", "collective-permute", "all-gather", "all-reduce", "reduce-scatter"):
+        assert not re.search(op + r"(-start)?\(", text), f"{op} in the compiled generate"

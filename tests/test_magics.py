@@ -59,7 +59,7 @@ def test_cells_compile_once_and_show_a_grid(shell, compiles):
     assert len(first.images) == 3 and first.seeds == [3, 4, 5]
     # The cell's value is the result: it is displayed (as a grid) and `_` holds it.
     assert shell.user_ns["_"] is first
-    assert "<GenerationResult: 3 images" in shown.stdout  # the displayhook showed the cell's value
+    assert "<GenerationResult #1: 3 images" in shown.stdout  # the displayhook showed the cell's value
     data, _ = shell.display_formatter.format(first)  # what a notebook front end receives
     assert data["image/png"].startswith(b"\x89PNG") and data["text/html"].count("<figcaption") == 3
 
