@@ -127,6 +127,8 @@ def executable_key(model: Any, shape_key: Any, plan: Any, arguments: Any) -> str
         "devices": [(d.platform, getattr(d, "device_kind", ""), d.id) for d in plan.devices],
         "platform_version": getattr(plan.devices[0].client, "platform_version", ""),
         "versions": _versions(),
+        # Flags change the generated code (and JAX's own cache key includes them too).
+        "flags": [os.environ.get(name, "") for name in ("XLA_FLAGS", "LIBTPU_INIT_ARGS")],
         "source": _source_digest(),
     }
     text = json.dumps(parts, sort_keys=True, default=str)
