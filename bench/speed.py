@@ -194,7 +194,6 @@ def main(argv=None) -> dict:
     import jax
     import numpy as np
     from flax.jax_utils import replicate
-    from flax.training.common_utils import shard
 
     from sdmagic.compile_cache import configure_jax_cache
     from sdmagic.devices import default_per_device_batch, find_devices
@@ -221,7 +220,8 @@ def main(argv=None) -> dict:
     with PeakRSS() as orig_mem:
         p_params = replicate(host_params, devices)
         jax.block_until_ready(p_params)
-    prompt_ids = shard(pipe.prepare_inputs(prompts))
+    # shard() as in the notebook, but over the devices chosen (pmap takes the first N devices).
+    prompt_ids = pipe.prepare_inputs(prompts).reshape(plan.count, per_device, -1)
     rng = jax.random.split(jax.random.PRNGKey(0), plan.count)
 
     def original():

@@ -31,6 +31,7 @@ class ShapeKey:
     safety: bool
     scheduler: str
     dtype: str
+    step_progress: bool = False  # reports each denoising step to the host (jax.debug.callback)
 
     def describe(self) -> str:
         checker = "" if self.safety else ", no safety checker"
@@ -84,9 +85,13 @@ def _unpair(rows: jax.Array) -> tuple[jax.Array, jax.Array]:
     return paired[:, 0], paired[:, 1]
 
 
-def build_generate(model: Any, key: ShapeKey) -> Callable:
+def build_generate(model: Any, key: ShapeKey, on_step: Callable | None = None) -> Callable:
     """The function compiled for `key`: (params, scheduler_state, ids, neg_ids, seeds, guidance)
-    -> (uint8 images [B, H, W, 3], nsfw flags [B])."""
+    -> (uint8 images [B, H, W, 3], nsfw flags [B]).
+
+    With `key.step_progress`, `on_step(step)` runs on the host after each denoising step (once
+    per step, not per device); such an executable holds a Python callback and cannot be saved.
+    """
     pipe = model.pipeline
     scheduler = model.scheduler
     f = model.vae_scale_factor
@@ -117,6 +122,8 @@ def build_generate(model: Any, key: ShapeKey) -> Callable:
             noise_pred_uncond, noise_prediction_text = _unpair(noise_pred)
             noise_pred = noise_pred_uncond + guidance_scale * (noise_prediction_text - noise_pred_uncond)
             latents, state = scheduler.step(state, noise_pred, t, latents).to_tuple()
+            if key.step_progress and on_step is not None:
+                jax.debug.callback(on_step, step)
             return latents, state
 
         state = scheduler.set_timesteps(scheduler_state, num_inference_steps=key.steps, shape=latents.shape)
@@ -157,12 +164,12 @@ def argument_specs(model: Any, key: ShapeKey, plan: DevicePlan, params: Any, sch
     )
 
 
-def compile_generate(model: Any, key: ShapeKey, plan: DevicePlan, arguments: tuple):
+def compile_generate(model: Any, key: ShapeKey, plan: DevicePlan, arguments: tuple, on_step: Callable | None = None):
     """Ahead-of-time compile for `key` on `plan`; returns (executable, seconds spent compiling)."""
     batch = plan.batch_sharded
     start = time.perf_counter()
     jitted = jax.jit(
-        build_generate(model, key),
+        build_generate(model, key, on_step),
         in_shardings=(plan.replicated, plan.replicated, batch, batch, batch, batch),
         out_shardings=(batch, batch),
     )

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
-from traitlets import Float, Integer, Unicode, observe
+from traitlets import Bool, Float, Integer, Unicode, observe
 
 from .errors import SDMagicError
 from .prompts import Prompt, parse_prompt_lines
@@ -99,6 +99,8 @@ class SDMagics(Magics):
     default_per_device_batch = Integer(None, allow_none=True, help="images per device per call (None: %sd_setup's)").tag(config=True)
     save_dir = Unicode(None, allow_none=True, help="folder every %%sd cell saves to (None: save only with --save)").tag(config=True)
     history_images = Integer(256, help="images the session's history keeps in memory; older runs' are dropped").tag(config=True)
+    step_progress = Bool(False, help="a progress bar per denoising step (a host callback in the compiled loop;"
+                         " about 1% slower, and such executables are not kept on disk)").tag(config=True)
 
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell, **kwargs)
@@ -109,6 +111,11 @@ class SDMagics(Magics):
         if self.session is not None:
             self.session.history.max_images = change["new"]
             self.session.history.trim()
+
+    @observe("step_progress")
+    def _step_progress_changed(self, change):
+        if self.session is not None:
+            self.session.step_progress = change["new"]
 
     def _require_session(self):
         if self.session is None:
@@ -154,6 +161,7 @@ class SDMagics(Magics):
                 replacing=self.session,
             )
             self.session.history.max_images = self.history_images
+            self.session.step_progress = self.step_progress
         print(self.session.describe())
         if args.warmup:
             with _usage_errors():

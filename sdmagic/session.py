@@ -114,6 +114,11 @@ class Session:
         self._token_cache: dict[str, tuple[np.ndarray, str | None]] = {}
         self._last_call: tuple[list[GenerationRequest], int] | None = None  # and its per-device batch
         self.history = History()
+        # A bar per denoising step (a jax.debug.callback in the loop): about 1% slower on the CPU
+        # bench (bench/progress.py) and not kept on disk, so it is opt-in.
+        self.step_progress = False
+        self.steps_reported = 0
+        self._step_bar = None
         start = time.perf_counter()
         self.params = place_replicated(model.params, plan)
         self.scheduler_state = place_replicated(model.scheduler_state, plan)
@@ -302,6 +307,7 @@ class Session:
             safety=self.safety_checker,
             scheduler=self.model.scheduler_name,
             dtype=self.model.dtype,
+            step_progress=self.step_progress,
         )
 
     def executable(self, key: gen.ShapeKey) -> tuple[Any, float, str]:
@@ -313,13 +319,15 @@ class Session:
             return self._executables[key], 0.0, "memory"
         start = time.perf_counter()
         arguments = gen.argument_specs(self.model, key, self.plan, self.params, self.scheduler_state)
-        digest = executable_key(self.model, key, self.plan, arguments) if self.executable_store.enabled else ""
-        executable = self.executable_store.load(digest, self.plan)
+        # An executable with a host callback cannot be serialised: step progress stays in memory.
+        store = self.executable_store if not key.step_progress else ExecutableStore(None)
+        digest = executable_key(self.model, key, self.plan, arguments) if store.enabled else ""
+        executable = store.load(digest, self.plan)
         if executable is not None:
             source = "disk"
         else:
-            executable, _ = gen.compile_generate(self.model, key, self.plan, arguments)
-            self.executable_store.store(digest, executable)
+            executable, _ = gen.compile_generate(self.model, key, self.plan, arguments, on_step=self._on_step)
+            store.store(digest, executable)
             source = "compiled"
         self._executables[key] = executable
         return executable, time.perf_counter() - start, source
@@ -372,6 +380,13 @@ class Session:
             pending.append(executable(self.params, self.scheduler_state, *inputs))
         return pending
 
+    def _on_step(self, step) -> None:
+        """Called from inside the compiled loop after each denoising step."""
+        self.steps_reported += 1
+        bar = self._step_bar
+        if bar is not None:
+            bar.update(1)
+
     def run_requests(
         self,
         requests: Sequence[GenerationRequest],
@@ -396,29 +411,40 @@ class Session:
                 compiled_from = source
         messages: list[str] = []
         start = time.perf_counter()
-        pending = [self._dispatch(r, k, e, messages) for r, k, e in zip(requests, keys, executables)]
-        calls = sum(len(p) for p in pending)
-        total = sum(len(r.prompts) for r in requests)
-        show_bar = calls > 1 if progress is None else bool(progress)
-        images: list = [None] * total
-        info: list = [None] * total
-        with tqdm(total=total, unit="image", desc="sdmagic", disable=not show_bar, leave=False) as bar:
-            for request, key, calls_of_request in zip(requests, keys, pending):
-                done = 0
-                for pixels, nsfw in calls_of_request:
-                    pixels, nsfw = np.asarray(pixels), np.asarray(nsfw)
-                    take = min(key.batch, len(request.prompts) - done)
-                    for j, image in enumerate(to_pil(pixels[:take])):
-                        i = done + j
-                        position = request.positions[i] if request.positions else i
-                        images[position] = image
-                        info[position] = ImageInfo(
-                            prompt=request.prompts[i], seed=request.seeds[i], negative=request.negatives[i],
-                            guidance=request.guidances[i], steps=request.steps, width=request.width,
-                            height=request.height, nsfw=bool(nsfw[j]),
-                        )
-                    done += take
-                    bar.update(take)
+        if self.step_progress:
+            # The loop reports steps as the devices make them: one bar across every call's steps.
+            steps_total = sum(math.ceil(len(r.prompts) / k.batch) * k.steps for r, k in zip(requests, keys))
+            step_bar = tqdm(total=steps_total, unit="step", desc="sdmagic", disable=progress is False, leave=False)
+            self._step_bar = step_bar
+        try:
+            pending = [self._dispatch(r, k, e, messages) for r, k, e in zip(requests, keys, executables)]
+            calls = sum(len(p) for p in pending)
+            total = sum(len(r.prompts) for r in requests)
+            images: list = [None] * total
+            info: list = [None] * total
+            with tqdm(total=total, unit="image", desc="sdmagic", leave=False,
+                      disable=self.step_progress or not (calls > 1 if progress is None else progress)) as bar:
+                for request, key, calls_of_request in zip(requests, keys, pending):
+                    done = 0
+                    for pixels, nsfw in calls_of_request:
+                        pixels, nsfw = np.asarray(pixels), np.asarray(nsfw)
+                        take = min(key.batch, len(request.prompts) - done)
+                        for j, image in enumerate(to_pil(pixels[:take])):
+                            i = done + j
+                            position = request.positions[i] if request.positions else i
+                            images[position] = image
+                            info[position] = ImageInfo(
+                                prompt=request.prompts[i], seed=request.seeds[i], negative=request.negatives[i],
+                                guidance=request.guidances[i], steps=request.steps, width=request.width,
+                                height=request.height, nsfw=bool(nsfw[j]),
+                            )
+                        done += take
+                        bar.update(take)
+        finally:
+            if self.step_progress:
+                # Every result is fetched (or the run was stopped): later callbacks find no bar.
+                self._step_bar = None
+                step_bar.close()
         run_seconds = time.perf_counter() - start
         shapes = "; ".join(k.describe() for k in keys)
         self.timings.add(RunRecord(total, compile_seconds, run_seconds, shapes))

@@ -273,3 +273,31 @@ def test_new_magics_before_setup_are_usage_errors(tiny_dir):
                 ip.run_line_magic(magic, line)
     finally:
         ip.magics_manager.registry["SDMagics"].session = saved
+
+
+# ------------------------------------------------------------------------------------ progress
+
+
+def test_step_progress_reports_every_denoising_step(tiny_dir, capsys):
+    session = sdmagic.setup("tiny", devices=2, cache=False)
+    plain = session.generate(["a", "b", "c"], seed=1, steps=STEPS, progress=False)
+    session.step_progress = True
+    before = session.steps_reported
+    stepped = session.generate(["a", "b", "c"], seed=1, steps=STEPS)
+    assert stepped.calls == 2 and session.steps_reported - before == 2 * STEPS  # once per step, not per device
+    assert f"{2 * STEPS}/{2 * STEPS}" in capsys.readouterr().err  # the bar reached its end
+    np.testing.assert_array_equal(pixels(plain.images), pixels(stepped.images))
+    session.close()
+
+
+def test_step_progress_is_a_config_option(shell):
+    magics = shell.magics_manager.registry["SDMagics"]
+    shell.run_line_magic("config", "SDMagics.step_progress = True")
+    try:
+        assert magics.session.step_progress
+        before = magics.session.steps_reported
+        run_cell(shell, "--seed 1", "a fox")
+        assert magics.session.steps_reported - before == STEPS
+    finally:
+        shell.run_line_magic("config", "SDMagics.step_progress = False")
+    assert not magics.session.step_progress
