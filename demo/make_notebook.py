@@ -22,16 +22,23 @@ cells = [
         "import os\n"
         "# Simulate a TPU host's 8 devices when JAX runs on the CPU; no effect on a TPU or GPU.\n"
         "os.environ.setdefault(\"XLA_FLAGS\", \"--xla_force_host_platform_device_count=8\")\n"
-        "%load_ext sdmagic"
+        "%load_ext sdmagic\n"
+        "# Defaults for every %%sd option can be set like this (see the README for the list).\n"
+        "%config SDMagics.default_steps = 25"
     ),
-    new_code_cell("%sd_setup --model tiny"),
-    new_markdown_cell("## One prompt on every device\n`--n 8` asks for 8 images of one prompt; seeds run 3, 4, ... 10."),
-    new_code_cell("%%sd --seed 3 --steps 25 --n 8\na starfinder planet landscape, concept art, 4k"),
     new_markdown_cell(
-        "## Eight different prompts\nOne per line; `#` lines are comments. Same shape as before, so nothing compiles."
+        "`--warmup` compiles the default shape now (or loads it from the compile cache, "
+        "`~/.cache/sdmagic/compiled`, if an earlier session compiled it), so the first cell runs at once."
+    ),
+    new_code_cell("%sd_setup --model tiny --warmup"),
+    new_markdown_cell("## One prompt on every device\n`--n 8` asks for 8 images of one prompt; seeds run 3, 4, ... 10."),
+    new_code_cell("%%sd --seed 3 --n 8\na starfinder planet landscape, concept art, 4k"),
+    new_markdown_cell(
+        "## Eight different prompts, saved\nOne per line; `#` lines are comments. Same shape as before, so nothing "
+        "compiles. `--save` writes each image as a PNG carrying its settings (AUTOMATIC1111's `parameters`)."
     ),
     new_code_cell(
-        "%%sd --seed 42 --steps 25 --negative \"blurry, low quality\"\n"
+        "%%sd --seed 42 --negative \"blurry, low quality\" --save output/saved\n"
         "# a comment line is skipped\n"
         "a cat knight in heavy armour, digital painting\n"
         "a lighthouse at dusk, oil on canvas\n"
@@ -41,6 +48,24 @@ cells = [
         "a steam train crossing a viaduct\n"
         "a watercolour of a mountain lake\n"
         "a robot reading a book in a library"
+    ),
+    new_markdown_cell(
+        "## Options per line\nAfter ` -- `, a line can set its own seed, number of images, guidance, negative "
+        "prompt, steps or size. Lines of another size run in their own compiled calls."
+    ),
+    new_code_cell(
+        "%%sd --seed 7\n"
+        "a red fox in the snow -- --seed 100 --n 2 --guidance 5\n"
+        "a lighthouse at dusk\n"
+        "a wide mountain panorama -- --width 128"
+    ),
+    new_markdown_cell("## History, and making a saved image again"),
+    new_code_cell("%sd_history"),
+    new_code_cell(
+        "import glob\n"
+        "saved = sorted(glob.glob(\"output/saved/*-42-*.png\"))[-1]\n"
+        "print(saved)\n"
+        "%sd_from_png $saved"
     ),
     new_markdown_cell("## Compile time against inference time"),
     new_code_cell("%sd_time"),
