@@ -123,7 +123,9 @@ class SDMagics(Magics):
         return self.session
 
     @magic_arguments()
-    @argument("--model", default=None, help="Hub id, local diffusers Flax folder, or 'tiny' (default: CompVis/stable-diffusion-v1-4)")
+    @argument("--model", default=None, help="Hub id, diffusers-layout folder (Flax or .safetensors weights), single-file .safetensors checkpoint, or 'tiny' (default: CompVis/stable-diffusion-v1-4)")
+    @argument("--config", default=None, help="for a single-file checkpoint: the diffusers folder or Hub id with its configs and tokenizer (default: SD 1.x or 2.x reference, from the keys)")
+    @argument("--trust-pickle", action="store_true", help="allow .ckpt/.bin/.pt pickles, read only with torch.load(weights_only=True); they are refused otherwise")
     @argument("--revision", default=None, help="Hub branch or commit (default for SD 1.4: 'bf16' in bfloat16, else 'flax')")
     @argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: bfloat16 on TPU/GPU, float32 on CPU)")
     @argument("--scheduler", default=None, help="pndm | ddim | lms | dpm (DPM-Solver++ multistep); default: the model's own")
@@ -158,6 +160,8 @@ class SDMagics(Magics):
                 per_device_batch=args.per_device_batch,
                 cache=not args.no_cache,
                 cache_dir=args.cache_dir,
+                config=args.config,
+                trust_pickle=args.trust_pickle,
                 replacing=self.session,
             )
             self.session.history.max_images = self.history_images

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .convert import detect_family, ldm_to_diffusers, pytorch_to_flax, read_safetensors
 from .errors import ModelLoadError, SDMagicError
 from .quiet import silence_upstream_noise
 from .schedulers import LMSScheduler
@@ -222,13 +223,66 @@ def check_model_folder(folder: Path, *, safety_checker: bool) -> None:
             raise ModelLoadError(f"model folder {str(folder)!r} lacks {part}/: copy the whole pipeline folder")
         if part in _WEIGHTLESS:
             continue
-        weights = _FLAX_WEIGHTS.get(library if library in _FLAX_WEIGHTS else "transformers")
-        if not (part_dir / weights).is_file():
+        if _weights_format(part_dir, library) is None:
             present = sorted(p.name for p in part_dir.iterdir())
             raise ModelLoadError(
-                f"model folder {str(folder)!r} has no Flax weights in {part}/ (expected {weights}, found"
-                f" {', '.join(present) or 'nothing'}): use a Flax revision of the model, e.g. --revision flax"
+                f"model folder {str(folder)!r} has no weights in {part}/ (expected Flax msgpack or .safetensors,"
+                f" found {', '.join(present) or 'nothing'})"
             )
+
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+_PT_STEMS = {"diffusers": "diffusion_pytorch_model", "transformers": "model", "stable_diffusion": "model"}
+
+
+def _weights_format(part_dir: Path, library: str) -> str | None:
+    """'flax', 'safetensors' or 'pickle': what a component folder holds (Flax preferred), None if nothing."""
+    if (part_dir / _FLAX_WEIGHTS.get(library if library in _FLAX_WEIGHTS else "transformers")).is_file():
+        return "flax"
+    if _pytorch_file(part_dir, library, ".safetensors"):
+        return "safetensors"
+    if any(p.suffix in PICKLE_SUFFIXES for p in part_dir.iterdir()):
+        return "pickle"
+    return None
+
+
+def _pytorch_file(part_dir: Path, library: str, suffix: str) -> Path | None:
+    stems = [_PT_STEMS.get(library, "model"), "diffusion_pytorch_model", "model", "pytorch_model"]
+    for stem in dict.fromkeys(stems):
+        if (part_dir / f"{stem}{suffix}").is_file():
+            return part_dir / f"{stem}{suffix}"
+    return None
+
+
+def refuse_pickle(path: Path) -> ModelLoadError:
+    return ModelLoadError(
+        f"{path.name} is a pickle file ({path.suffix}): loading a pickle can run any code inside it, so"
+        " sdmagic does not. Use the model's .safetensors version (most models publish one) or convert"
+        " this file to safetensors; if you trust it, --trust-pickle loads it through torch.load(weights_only=True),"
+        " which refuses code"
+    )
+
+
+def _torch_load(path: Path) -> dict[str, np.ndarray]:
+    """A pickle's tensors through torch's weights_only loader (only with --trust-pickle)."""
+    try:
+        import torch
+    except ImportError:
+        raise ModelLoadError(
+            f"--trust-pickle reads {path.name} only through torch.load(weights_only=True), and torch is not"
+            " installed: pip install torch (the CPU build is enough), or convert the file to safetensors"
+        ) from None
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # weights_only refuses anything but tensors and plain containers
+        raise ModelLoadError(f"torch's weights_only loader refused {path.name}: {str(err).splitlines()[0]}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return {
+        k: (v.float() if v.dtype == torch.bfloat16 else v).numpy()
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor)
+    }
 
 
 def _hub_error(model: str, revision: str | None, err: Exception) -> ModelLoadError:
@@ -321,7 +375,9 @@ def resolve_model_folder(model: str, revision: str | None, dtype: str) -> Path:
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ModelLoadError(f"{model!r} is a file, not a model folder: give the pipeline's folder")
+            raise ModelLoadError(
+                f"{model!r} is a file, not a model folder: give the pipeline's folder, or a .safetensors checkpoint"
+            )
         return path
     if _looks_like_path(model):
         raise ModelLoadError(f"model folder {model!r} does not exist: check the path, or use --model tiny")
@@ -371,16 +427,42 @@ def load_model(
     dtype: str = "float32",
     scheduler: str | None = None,
     safety_checker: bool = True,
+    config: str | None = None,
+    trust_pickle: bool = False,
 ) -> LoadedModel:
-    """Load a pipeline's modules and host parameters. Raises ModelLoadError with what to do."""
+    """Load a pipeline's modules and host parameters. Raises ModelLoadError with what to do.
+
+    `model`: 'tiny', a Hub id, a diffusers-layout folder (Flax msgpack or PyTorch-layout
+    .safetensors weights), or a single-file checkpoint (.safetensors, original SD layout) whose
+    configs and tokenizer come from `config` (a diffusers-layout folder or Hub id; default: the
+    SD 1.x or 2.x reference repo, picked from the checkpoint's keys). Pickles (.ckpt, .bin, .pt)
+    are refused unless `trust_pickle`, and then read only by torch's weights_only loader.
+    """
     check_scheduler_name(scheduler)
     if dtype not in DTYPES:
         raise SDMagicError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     start = time.perf_counter()
     silence_upstream_noise()  # upstream modules imported lazily since import time have loggers now
+    single = _single_file(model)
+    if single is not None:
+        pipeline, weights, own = _load_single_file(single, config, dtype, revision, trust_pickle)
+        return _loaded(model, str(single), pipeline, weights, scheduler or own, dtype, start)
+    if config is not None:
+        raise SDMagicError("--config is for single-file checkpoints; a model folder has its own configs")
     folder = resolve_model_folder(model, revision, dtype)
     check_model_folder(folder, safety_checker=safety_checker)
-    ships_checker = (_model_index(folder).get("safety_checker") or [None])[0] is not None
+    index = _model_index(folder)
+    formats = {
+        part: _weights_format(folder / part, index[part][0])
+        for part in ("unet", "vae", "text_encoder", "safety_checker")
+        if (index.get(part) or [None])[0] and (folder / part).is_dir()
+    }
+    if not safety_checker:
+        formats.pop("safety_checker", None)
+    if any(f != "flax" for f in formats.values()):
+        pipeline, weights, own = _load_pytorch_layout(folder, index, formats, dtype, trust_pickle)
+        return _loaded(model, str(folder), pipeline, weights, scheduler or own, dtype, start)
+    ships_checker = (index.get("safety_checker") or [None])[0] is not None
     try:
         # Upstream's safety checker class cannot even be built on current JAX: it is always skipped
         # here and read below through SafetyChecker, which loads the same files.
@@ -411,6 +493,179 @@ def load_model(
         load_seconds=time.perf_counter() - start,
         feature_extractor=getattr(pipeline, "feature_extractor", None),
     )
+
+
+def _loaded(name, source, pipeline, weights, scheduler, dtype, start) -> LoadedModel:
+    sched, sched_state, sched_name = _make_scheduler(scheduler, pipeline.scheduler)
+    return LoadedModel(
+        name=name,
+        source=source,
+        pipeline=pipeline,
+        params=weights,
+        scheduler=sched,
+        scheduler_state=sched_state,
+        scheduler_name=sched_name,
+        dtype=dtype,
+        load_seconds=time.perf_counter() - start,
+        feature_extractor=getattr(pipeline, "feature_extractor", None),
+    )
+
+
+# diffusers' scheduler classes (PyTorch or Flax names) -> the Flax scheduler to build from their config.
+_SCHEDULER_CLASSES = {
+    "PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "LMSDiscreteScheduler": "lms",
+    "DPMSolverMultistepScheduler": "dpm",
+}
+
+
+def _base_scheduler(folder: Path) -> tuple[Any, str]:
+    """The model's scheduler config as a Flax object, and the sdmagic scheduler it names.
+
+    PyTorch-layout repos name PyTorch classes; one sdmagic does not have (e.g. Euler) becomes PNDM,
+    the SD 1.x default, which `--scheduler` can change.
+    """
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    name = _SCHEDULER_CLASSES.get(config.get("_class_name", "").removeprefix("Flax"), "pndm")
+    cls = FlaxPNDMScheduler if name in ("pndm", "lms") else SCHEDULERS[name]
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    return cls.from_config({k: v for k, v in config.items() if k in accepted}), name
+
+
+def _modules(folder: Path, dtype: Any, with_checker: bool) -> dict:
+    """Flax modules built from a diffusers-layout folder's configs, without weights."""
+    try:
+        unet = FlaxUNet2DConditionModel.from_config(FlaxUNet2DConditionModel.load_config(str(folder / "unet")), dtype=dtype)
+        vae = FlaxAutoencoderKL.from_config(FlaxAutoencoderKL.load_config(str(folder / "vae")), dtype=dtype)
+        text_encoder = FlaxCLIPTextModel(
+            CLIPTextConfig.from_pretrained(str(folder / "text_encoder")), _do_init=False, dtype=dtype
+        )
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+        extractor_dir = folder / "feature_extractor"
+        feature_extractor = CLIPImageProcessor.from_pretrained(str(extractor_dir)) if extractor_dir.is_dir() else None
+        checker = None
+        if with_checker:
+            checker = SafetyChecker(CLIPConfig.from_pretrained(str(folder / "safety_checker")), _do_init=False)
+        scheduler, scheduler_name = _base_scheduler(folder)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f"could not read the configs in {str(folder)!r}: {str(err).splitlines()[0]}") from None
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+            "feature_extractor": feature_extractor, "safety_checker": checker, "scheduler": scheduler,
+            "scheduler_name": scheduler_name}
+
+
+def _shapes(module: Any) -> Any:
+    """The parameter shapes of a Flax model, without initialising anything."""
+    key = jax.random.PRNGKey(0)
+    if hasattr(module, "input_shape"):  # transformers
+        return jax.eval_shape(lambda k: module.init_weights(k, module.input_shape), key)
+    return jax.eval_shape(module.init_weights, key)
+
+
+def _caster(dtype: Any):
+    target = np.dtype(dtype)
+
+    def cast(x):
+        return x.astype(target) if np.issubdtype(x.dtype, np.floating) or x.dtype == jnp.bfloat16 else x
+
+    return cast
+
+
+def _read_pytorch(path: Path, trust_pickle: bool, cast) -> dict[str, np.ndarray]:
+    if path.suffix in PICKLE_SUFFIXES:
+        if not trust_pickle:
+            raise refuse_pickle(path)
+        return {k: cast(v) for k, v in _torch_load(path).items()}
+    return read_safetensors(path, cast)
+
+
+def _pipeline(modules: dict, dtype: Any) -> Any:
+    return FlaxStableDiffusionPipeline(
+        vae=modules["vae"], text_encoder=modules["text_encoder"], tokenizer=modules["tokenizer"],
+        unet=modules["unet"], scheduler=modules["scheduler"], safety_checker=modules["safety_checker"],
+        feature_extractor=modules["feature_extractor"], dtype=dtype,
+    )
+
+
+def _load_pytorch_layout(folder: Path, index: dict, formats: dict, dtype: str, trust_pickle: bool):
+    """A diffusers folder whose weights are PyTorch-layout files: converted with numpy, no torch."""
+    modules = _modules(folder, DTYPES[dtype], with_checker="safety_checker" in formats)
+    cast = _caster(DTYPES[dtype])
+    weights = {}
+    for part, kind in formats.items():
+        library = index[part][0]
+        if kind == "flax":
+            path = folder / part / _FLAX_WEIGHTS.get(library if library in _FLAX_WEIGHTS else "transformers")
+            from flax.serialization import msgpack_restore
+
+            weights[part] = jax.tree_util.tree_map(cast, msgpack_restore(path.read_bytes()))
+            continue
+        suffix = ".safetensors" if kind == "safetensors" else None
+        path = _pytorch_file(folder / part, library, suffix) if suffix else next(
+            p for p in sorted((folder / part).iterdir()) if p.suffix in PICKLE_SUFFIXES
+        )
+        state = _read_pytorch(path, trust_pickle, cast)
+        weights[part] = pytorch_to_flax(
+            state, _shapes(modules[part]), diffusers_names=library == "diffusers", what=f"{part}/{path.name}",
+            ignore=lambda key: key.endswith("position_ids"),
+        )
+    return _pipeline(modules, DTYPES[dtype]), weights, modules["scheduler_name"]
+
+
+def _single_file(model: Any) -> Path | None:
+    """The checkpoint file `model` names, if it names one (.safetensors or a pickle)."""
+    if not isinstance(model, str):
+        return None
+    path = Path(model).expanduser()
+    if path.suffix in (".safetensors",) + PICKLE_SUFFIXES:
+        if not path.is_file():
+            raise ModelLoadError(f"checkpoint file {model!r} does not exist: check the path")
+        return path
+    return None
+
+
+# The reference repos whose configs and tokenizer a bare checkpoint of each family uses.
+_FAMILY_CONFIGS = {"sd1": "CompVis/stable-diffusion-v1-4", "sd2": "stabilityai/stable-diffusion-2-1"}
+
+
+def _config_folder(config: str | None, family: str, revision: str | None) -> Path:
+    name = config or _FAMILY_CONFIGS[family]
+    path = Path(name).expanduser()
+    if path.is_dir():
+        _model_index(path)
+        return path
+    if _looks_like_path(name):
+        raise ModelLoadError(f"config folder {name!r} does not exist: give a diffusers-layout folder or a Hub id")
+    from huggingface_hub import snapshot_download
+
+    try:  # configs and tokenizer only: a few kB
+        return Path(snapshot_download(name, revision=revision, allow_patterns=["*.json", "*.txt"],
+                                      local_files_only=not _hub_reachable()))
+    except Exception as err:  # noqa: BLE001
+        raise _hub_error(name, revision, err) from None
+
+
+def _load_single_file(path: Path, config: str | None, dtype: str, revision: str | None, trust_pickle: bool):
+    """An original-layout checkpoint: architecture from its keys, configs from `config`."""
+    cast = _caster(DTYPES[dtype])
+    checkpoint = _read_pytorch(path, trust_pickle, cast)
+    family = detect_family(checkpoint)
+    folder = _config_folder(config, family, revision)
+    modules = _modules(folder, DTYPES[dtype], with_checker=False)
+    unet_config, vae_config = dict(modules["unet"].config), dict(modules["vae"].config)
+    # What the weights themselves say wins over the reference config (e.g. a 9-channel inpainting UNet).
+    conv_in = checkpoint.get("model.diffusion_model.input_blocks.0.0.weight")
+    if conv_in is not None and conv_in.shape[1] != unet_config["in_channels"]:
+        unet_config["in_channels"] = int(conv_in.shape[1])
+        modules["unet"] = FlaxUNet2DConditionModel.from_config(unet_config, dtype=DTYPES[dtype])
+    text_layers = modules["text_encoder"].config.num_hidden_layers
+    unet_pt, vae_pt, text_pt = ldm_to_diffusers(checkpoint, unet_config, vae_config, family, text_layers)
+    weights = {}
+    for part, state in (("unet", unet_pt), ("vae", vae_pt), ("text_encoder", text_pt)):
+        weights[part] = pytorch_to_flax(
+            state, _shapes(modules[part]), diffusers_names=part != "text_encoder", what=f"{path.name} ({part})",
+            ignore=lambda key: key.endswith("position_ids"),
+        )
+    return _pipeline(modules, DTYPES[dtype]), weights, modules["scheduler_name"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -476,6 +731,22 @@ RANDOM_ARCHITECTURES = {
         ),
         "text": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4),
     },
+    # SD 2.x's shape in miniature: linear attention projections, head size instead of head count,
+    # an OpenCLIP-style (gelu) text encoder, v-prediction.
+    "tiny-sd2": {
+        "unet": dict(
+            block_out_channels=(32, 64), layers_per_block=2, sample_size=24,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+            attention_head_dim=(2, 4), use_linear_projection=True,
+        ),
+        "vae": dict(
+            block_out_channels=(32, 64), sample_size=48,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        ),
+        "text": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, hidden_act="gelu"),
+        "scheduler": dict(prediction_type="v_prediction"),
+    },
     "sd1": {
         "unet": dict(
             block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, sample_size=64,
@@ -494,11 +765,11 @@ RANDOM_ARCHITECTURES = {
 }
 
 
-def _sd_scheduler() -> Any:
-    """Stable Diffusion 1.x's scheduler: PNDM (PLMS), scaled-linear betas."""
+def _sd_scheduler(**overrides) -> Any:
+    """Stable Diffusion's scheduler: PNDM (PLMS), scaled-linear betas (SD 2.x adds v-prediction)."""
     return FlaxPNDMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        num_train_timesteps=1000, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
+        num_train_timesteps=1000, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, **overrides,
     )
 
 
@@ -522,7 +793,7 @@ def _random_pipeline(arch: str, seed: int, tokenizer_dir: Path, dtype: Any = jnp
         crop_size={"height": 224, "width": 224}, size={"shortest_edge": 224}, do_convert_rgb=True
     )
     pipeline = FlaxStableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_sd_scheduler(),
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_sd_scheduler(**spec.get("scheduler", {})),
         safety_checker=None, feature_extractor=feature_extractor, dtype=dtype,
     )
     params = {"unet": unet.init_weights(k_unet), "vae": vae.init_weights(k_vae), "text_encoder": text_encoder.params}
@@ -558,6 +829,16 @@ def with_scheduler(model: LoadedModel, scheduler: str) -> LoadedModel:
     check_scheduler_name(scheduler)
     sched, state, name = _make_scheduler(scheduler, model.pipeline.scheduler)
     return replace(model, scheduler=sched, scheduler_state=state, scheduler_name=name)
+
+
+def write_random_model(folder: Path, arch: str, *, seed: int = 0) -> Path:
+    """Write a random pipeline of `arch` (no safety checker) in diffusers' Flax layout, as tests need."""
+    folder = Path(folder)
+    tokenizer_dir = folder / ".tokenizer-src"
+    pipeline, params, _ = _random_pipeline(arch, seed, tokenizer_dir)
+    pipeline.save_pretrained(str(folder), params=params)
+    shutil.rmtree(tokenizer_dir, ignore_errors=True)
+    return folder
 
 
 def write_tiny_model(folder: Path, *, seed: int = 0) -> Path:

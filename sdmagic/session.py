@@ -572,6 +572,8 @@ def setup(
     per_device_batch: int | None = None,
     cache: bool = True,
     cache_dir: str | os.PathLike | None = None,
+    config: str | None = None,
+    trust_pickle: bool = False,
     replacing: Session | None = None,
 ) -> Session:
     """Find the devices, load `model` and place its parameters on every device.
@@ -579,7 +581,9 @@ def setup(
     `per_device_batch`: images per device per call (default: what suits the backend, see
     `devices.default_per_device_batch`). `cache`: keep compiled code on disk, in `cache_dir`
     (default `$SDMAGIC_CACHE_DIR` or ~/.cache/sdmagic/compiled), so a restarted kernel does not
-    compile again; `cache=False` keeps it in memory only.
+    compile again; `cache=False` keeps it in memory only. `config`: for a single-file checkpoint,
+    the diffusers-layout folder or Hub id its configs and tokenizer come from. `trust_pickle`:
+    allow .ckpt/.bin/.pt files, read only through torch.load(weights_only=True).
     `replacing` is a session to free once the new model has loaded on the host: a mistake in the
     arguments (or a model that cannot be found) leaves it untouched and usable.
     """
@@ -591,7 +595,10 @@ def setup(
         directory = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         if directory.exists() and not directory.is_dir():
             raise SDMagicError(f"cache directory {str(directory)!r} is a file: give a folder, or --no-cache")
-    loaded = load_model(model, revision=revision, dtype=dtype, scheduler=scheduler, safety_checker=safety_checker)
+    loaded = load_model(
+        model, revision=revision, dtype=dtype, scheduler=scheduler, safety_checker=safety_checker,
+        config=config, trust_pickle=trust_pickle,
+    )
     configure_jax_cache(directory)
     if replacing is not None:
         replacing.close()

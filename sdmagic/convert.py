@@ -1,0 +1,372 @@
+"""PyTorch-layout weights -> Flax parameters, with numpy only: no torch, no pickle.
+
+Two layouts are read:
+- diffusers' PyTorch layout (`unet/diffusion_pytorch_model.safetensors`, `text_encoder/model.safetensors`,
+  ...): key names as the PyTorch modules name them;
+- the original Stable Diffusion single-file layout (`model.diffusion_model.*`, `first_stage_model.*`,
+  `cond_stage_model.*`), as AUTOMATIC1111 and most fine-tunes ship it: first renamed to diffusers'
+  PyTorch names (`ldm_to_diffusers`), then converted like the above.
+
+The conversion is driven by the target: the Flax model's own parameter shapes (from
+`jax.eval_shape`, so nothing is initialised), so a missing, extra or misshapen weight is an error
+that names it. `flax_to_pytorch` and `diffusers_to_ldm` are the inverses (the tests write tiny
+models in each layout with them).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import ModelLoadError
+
+# diffusers' PyTorch attention names -> its Flax names (the Flax VAE kept the old ones).
+_ATTENTION = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out_0": "proj_attn"}
+_DIGITS = re.compile(r"(\w+)\.(\d+)(?=\.|$)")
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def read_safetensors(path: str | Path, cast: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """All tensors of a .safetensors file as numpy arrays (bf16 via ml_dtypes), each passed through
+    `cast` as it is read, so a dtype change never holds two copies of the whole file."""
+    from safetensors import safe_open
+
+    out = {}
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                out[key] = cast(tensor) if cast else tensor
+    except (OSError, ValueError) as err:  # safetensors raises SafetensorError (an OSError/ValueError)
+        raise ModelLoadError(f"could not read {str(path)!r} as safetensors: {err}") from None
+    except Exception as err:
+        if type(err).__name__ == "SafetensorError":
+            raise ModelLoadError(f"could not read {str(path)!r} as safetensors: {err}") from None
+        raise
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- PyTorch <-> Flax
+
+
+def _flat(tree: Any, prefix: tuple = ()) -> dict[tuple, Any]:
+    if isinstance(tree, dict) or hasattr(tree, "items"):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flat(value, prefix + (key,)))
+        return out
+    return {prefix: tree}
+
+
+def _nest(flat: dict[tuple, Any]) -> dict:
+    root: dict = {}
+    for path, value in flat.items():
+        node = root
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return root
+
+
+def _path(pt_key: str, diffusers_names: bool) -> tuple[str, ...]:
+    # diffusers' Flax modules name list items `down_blocks_0`; transformers' keep `layers/0`.
+    if diffusers_names:
+        pt_key = _DIGITS.sub(r"\1_\2", _DIGITS.sub(r"\1_\2", pt_key))
+    return tuple(pt_key.split("."))
+
+
+def _to_flax(path: tuple, tensor: np.ndarray, target: dict[tuple, Any]) -> tuple[tuple, np.ndarray] | None:
+    """Where a PyTorch tensor goes in the Flax tree, and in what layout; None if nowhere."""
+    if path in target:
+        return path, tensor
+    *parent, leaf = path
+    parent = tuple(parent)
+    if leaf in ("weight", "gamma"):
+        if parent + ("scale",) in target:
+            return parent + ("scale",), tensor
+        if parent + ("embedding",) in target:
+            return parent + ("embedding",), tensor
+    if parent and parent[-1] in _ATTENTION:
+        renamed = parent[:-1] + (_ATTENTION[parent[-1]],)
+        if leaf == "weight" and renamed + ("kernel",) in target:
+            return renamed + ("kernel",), tensor.reshape(tensor.shape[:2]).T
+        if leaf == "bias" and renamed + ("bias",) in target:
+            return renamed + ("bias",), tensor
+    if leaf == "weight" and parent + ("kernel",) in target:
+        if tensor.ndim == 4:  # conv: (out, in, h, w) -> (h, w, in, out)
+            return parent + ("kernel",), tensor.transpose(2, 3, 1, 0)
+        return parent + ("kernel",), tensor.reshape(tensor.shape[0], -1).T
+    if leaf == "beta" and parent + ("bias",) in target:
+        return parent + ("bias",), tensor
+    return None
+
+
+def pytorch_to_flax(
+    state: dict[str, np.ndarray],
+    target_shapes: Any,
+    *,
+    diffusers_names: bool,
+    what: str,
+    ignore: Callable[[str], bool] = lambda key: False,
+) -> dict:
+    """A Flax parameter tree for a model whose parameter shapes are `target_shapes` (a pytree of
+    ShapeDtypeStruct), from its PyTorch state dict. Raises ModelLoadError naming what is wrong."""
+    target = _flat(target_shapes)
+    flat: dict[tuple, np.ndarray] = {}
+    unexpected = []
+    for key in list(state):
+        tensor = state.pop(key)  # dropped as converted: no second copy of the whole model
+        placed = _to_flax(_path(key, diffusers_names), tensor, target)
+        if placed is None:
+            if not ignore(key):
+                unexpected.append(key)
+            continue
+        path, value = placed
+        if tuple(value.shape) != tuple(target[path].shape):
+            raise ModelLoadError(
+                f"{what}: weight {key!r} has shape {tuple(tensor.shape)}, but this architecture needs"
+                f" {tuple(target[path].shape)}: the config does not match the weights (try --config)"
+            )
+        flat[path] = np.ascontiguousarray(value)
+    missing = [".".join(map(str, p)) for p in target if p not in flat]
+    if missing:
+        raise ModelLoadError(
+            f"{what}: {len(missing)} weights missing, e.g. {missing[0]!r}: the file is not this architecture"
+            " or is incomplete (try --config)"
+        )
+    if unexpected:
+        raise ModelLoadError(
+            f"{what}: {len(unexpected)} weights this architecture does not have, e.g. {unexpected[0]!r}"
+            " (try --config)"
+        )
+    return _nest(flat)
+
+
+def flax_to_pytorch(params: Any, *, diffusers_names: bool) -> dict[str, np.ndarray]:
+    """The inverse of `pytorch_to_flax`: PyTorch key names and layouts from a Flax tree."""
+    reverse_attention = {v: k for k, v in _ATTENTION.items()}
+    out = {}
+    for path, value in _flat(params).items():
+        value = np.asarray(value)
+        *parent, leaf = [str(p) for p in path]
+        if parent and parent[-1] in reverse_attention and leaf in ("kernel", "bias"):
+            parent[-1] = reverse_attention[parent[-1]]
+        if leaf == "kernel":
+            leaf, value = "weight", (value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T)
+        elif leaf in ("scale", "embedding"):
+            leaf = "weight"
+        parts = parent + [leaf]
+        if diffusers_names:
+            # `down_blocks_0` -> `down_blocks.0`, but `linear_1` (a real name) stays.
+            parts = [re.sub(r"^(.*[a-z])_(\d+)$", r"\1.\2", p) if not re.fullmatch(r"linear_\d+", p) else p for p in parts]
+        out[".".join(parts)] = np.ascontiguousarray(value)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- single files
+
+
+def detect_family(keys) -> str:
+    """'sd2' (OpenCLIP text encoder) or 'sd1' (CLIP), from an original-layout checkpoint's keys."""
+    keys = list(keys)
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        raise ModelLoadError(
+            "this .safetensors file is not a Stable Diffusion checkpoint in the original layout (no"
+            " 'model.diffusion_model.' keys): for a diffusers folder give the folder, not a file"
+        )
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd1"
+    raise ModelLoadError("this checkpoint has no text encoder weights (cond_stage_model.*): it cannot make images alone")
+
+
+def _unet_pairs(config: dict) -> list[tuple[str, str]]:
+    """(original prefix, diffusers prefix) for every UNet block, from the diffusers UNet config."""
+    levels = len(config["block_out_channels"])
+    layers = config["layers_per_block"]
+    down_attention = ["CrossAttn" in t for t in config["down_block_types"]]
+    up_attention = ["CrossAttn" in t for t in config["up_block_types"]]
+    pairs = [
+        ("time_embed.0.", "time_embedding.linear_1."),
+        ("time_embed.2.", "time_embedding.linear_2."),
+        ("input_blocks.0.0.", "conv_in."),
+        ("out.0.", "conv_norm_out."),
+        ("out.2.", "conv_out."),
+        ("middle_block.0.", "mid_block.resnets.0."),
+        ("middle_block.1.", "mid_block.attentions.0."),
+        ("middle_block.2.", "mid_block.resnets.1."),
+    ]
+    for i in range(levels):
+        for j in range(layers):
+            block = (layers + 1) * i + j + 1
+            pairs.append((f"input_blocks.{block}.0.", f"down_blocks.{i}.resnets.{j}."))
+            if down_attention[i]:
+                pairs.append((f"input_blocks.{block}.1.", f"down_blocks.{i}.attentions.{j}."))
+        if i < levels - 1:
+            pairs.append((f"input_blocks.{(layers + 1) * (i + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv."))
+        for j in range(layers + 1):
+            block = (layers + 1) * i + j
+            pairs.append((f"output_blocks.{block}.0.", f"up_blocks.{i}.resnets.{j}."))
+            if up_attention[i]:
+                pairs.append((f"output_blocks.{block}.1.", f"up_blocks.{i}.attentions.{j}."))
+        if i < levels - 1:
+            index = 2 if up_attention[i] else 1
+            pairs.append((f"output_blocks.{(layers + 1) * i + layers}.{index}.", f"up_blocks.{i}.upsamplers.0."))
+    return pairs
+
+
+_RESNET = [("in_layers.0.", "norm1."), ("in_layers.2.", "conv1."), ("out_layers.0.", "norm2."),
+           ("out_layers.3.", "conv2."), ("emb_layers.1.", "time_emb_proj."), ("skip_connection.", "conv_shortcut.")]
+_VAE_ATTENTION = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("proj_out.", "to_out.0.")]
+
+
+def _vae_pairs(config: dict) -> list[tuple[str, str]]:
+    levels = len(config["block_out_channels"])
+    layers = config.get("layers_per_block", 1)
+    pairs = [("mid.attn_1.", "mid_block.attentions.0."), ("mid.block_1.", "mid_block.resnets.0."),
+             ("mid.block_2.", "mid_block.resnets.1."), ("norm_out.", "conv_norm_out.")]
+    for i in range(levels):
+        for j in range(layers):
+            pairs.append((f"encoder.down.{i}.block.{j}.", f"encoder.down_blocks.{i}.resnets.{j}."))
+        for j in range(layers + 1):
+            pairs.append((f"decoder.up.{levels - 1 - i}.block.{j}.", f"decoder.up_blocks.{i}.resnets.{j}."))
+        if i < levels - 1:
+            pairs.append((f"encoder.down.{i}.downsample.", f"encoder.down_blocks.{i}.downsamplers.0."))
+            pairs.append((f"decoder.up.{levels - 1 - i}.upsample.", f"decoder.up_blocks.{i}.upsamplers.0."))
+    return pairs
+
+
+def _rename(key: str, pairs: list[tuple[str, str]], forward: bool, anywhere: bool = False) -> str:
+    """Replace the longest matching block prefix (original -> diffusers if `forward`); with
+    `anywhere`, also after a dot (the VAE's `encoder.` / `decoder.` come first)."""
+    best = None
+    for original, diffusers in pairs:
+        source, target = (original, diffusers) if forward else (diffusers, original)
+        if key.startswith(source):
+            at = 0
+        elif anywhere and f".{source}" in key:
+            at = key.index(f".{source}") + 1
+        else:
+            continue
+        if best is None or len(source) > len(best[1]):
+            best = (at, source, target)
+    if best is None:
+        return key
+    at, source, target = best
+    return key[:at] + target + key[at + len(source):]
+
+
+def _rename_parts(key: str, pairs: list[tuple[str, str]], forward: bool, after: str) -> str:
+    """Rename a module inside a block: `after` is a regex for the block's prefix (e.g. resnets.N.)."""
+    for original, diffusers in pairs:
+        source, target = (original, diffusers) if forward else (diffusers, original)
+        key, n = re.subn(f"({after}){re.escape(source)}", lambda m: m.group(1) + target, key, count=1)
+        if n:
+            return key
+    return key
+
+
+def ldm_to_diffusers(checkpoint: dict[str, np.ndarray], unet_config: dict, vae_config: dict, family: str,
+                     text_layers: int | None = None) -> tuple[dict, dict, dict]:
+    """Split an original-layout checkpoint into diffusers' PyTorch-layout (unet, vae, text encoder) dicts.
+
+    `text_layers`: for SD 2.x, how many OpenCLIP blocks the text encoder uses (diffusers' config
+    keeps 23 of 24: SD 2 reads the penultimate layer); later blocks are dropped.
+    """
+    unet, vae, text = {}, {}, {}
+    unet_pairs, vae_pairs = _unet_pairs(unet_config), _vae_pairs(vae_config)
+    for key in list(checkpoint):
+        tensor = checkpoint.pop(key)
+        if key.startswith("model.diffusion_model."):
+            name = _rename(key[len("model.diffusion_model."):], unet_pairs, True)
+            unet[_rename_parts(name, _RESNET, True, r"resnets\.\d+\.")] = tensor
+        elif key.startswith("first_stage_model."):
+            name = _rename(key[len("first_stage_model."):], vae_pairs, True, anywhere=True)
+            name = _rename_parts(name, _VAE_ATTENTION, True, r"mid_block\.attentions\.0\.")
+            vae[name.replace("nin_shortcut.", "conv_shortcut.")] = tensor
+        elif family == "sd1" and key.startswith("cond_stage_model.transformer."):
+            name = key[len("cond_stage_model.transformer."):]
+            text[name if name.startswith("text_model.") else "text_model." + name] = tensor
+        elif family == "sd2" and key.startswith("cond_stage_model.model."):
+            _open_clip_to_clip(key[len("cond_stage_model.model."):], tensor, text, text_layers)
+        # anything else (EMA copies, the learned-logvar, optimizer state) is not part of the model
+    text.pop("text_model.embeddings.position_ids", None)  # a buffer some transformers versions saved
+    return unet, vae, text
+
+
+_OPEN_CLIP = [("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."), ("mlp.c_fc.", "mlp.fc1."),
+              ("mlp.c_proj.", "mlp.fc2."), ("attn.out_proj.", "self_attn.out_proj.")]
+
+
+def _open_clip_to_clip(key: str, tensor: np.ndarray, text: dict, layers: int | None) -> None:
+    if key == "token_embedding.weight":
+        text["text_model.embeddings.token_embedding.weight"] = tensor
+    elif key == "positional_embedding":
+        text["text_model.embeddings.position_embedding.weight"] = tensor
+    elif key.startswith("ln_final."):
+        text["text_model.final_layer_norm." + key[len("ln_final."):]] = tensor
+    elif key.startswith("transformer.resblocks."):
+        index, rest = key[len("transformer.resblocks."):].split(".", 1)
+        if layers is not None and int(index) >= layers:
+            return
+        prefix = f"text_model.encoder.layers.{index}."
+        if rest.startswith("attn.in_proj_"):
+            kind = rest[len("attn.in_proj_"):]
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), np.split(tensor, 3, axis=0)):
+                text[f"{prefix}self_attn.{name}.{kind}"] = part
+            return
+        for original, clip in _OPEN_CLIP:
+            if rest.startswith(original):
+                text[prefix + clip + rest[len(original):]] = tensor
+                return
+        text[prefix + rest] = tensor
+    # text_projection and logit_scale belong to OpenCLIP's contrastive head, which SD does not use
+
+
+def diffusers_to_ldm(unet: dict, vae: dict, text: dict, unet_config: dict, vae_config: dict, family: str) -> dict:
+    """The inverse of `ldm_to_diffusers` (diffusers PyTorch layout -> one original-layout checkpoint)."""
+    out = {}
+    unet_pairs, vae_pairs = _unet_pairs(unet_config), _vae_pairs(vae_config)
+    for key, tensor in unet.items():
+        name = _rename_parts(key, _RESNET, False, r"resnets\.\d+\.")
+        out["model.diffusion_model." + _rename(name, unet_pairs, False)] = tensor
+    for key, tensor in vae.items():
+        name = _rename_parts(key, _VAE_ATTENTION, False, r"mid_block\.attentions\.0\.")
+        if re.search(r"mid_block\.attentions\.0\.(q|k|v|proj_out)\.weight$", name):
+            tensor = tensor.reshape(tensor.shape + (1, 1))  # the original VAE attention is 1x1 convs
+        name = _rename(name, vae_pairs, False, anywhere=True).replace("conv_shortcut.", "nin_shortcut.")
+        out["first_stage_model." + name] = tensor
+    if family == "sd1":
+        for key, tensor in text.items():
+            out["cond_stage_model.transformer." + key] = tensor
+    else:
+        pending: dict[str, dict] = {}
+        for key, tensor in text.items():
+            name = key[len("text_model."):]
+            if name == "embeddings.token_embedding.weight":
+                out["cond_stage_model.model.token_embedding.weight"] = tensor
+            elif name == "embeddings.position_embedding.weight":
+                out["cond_stage_model.model.positional_embedding"] = tensor
+            elif name.startswith("final_layer_norm."):
+                out["cond_stage_model.model.ln_final." + name[len("final_layer_norm."):]] = tensor
+            else:
+                index, rest = name[len("encoder.layers."):].split(".", 1)
+                prefix = f"cond_stage_model.model.transformer.resblocks.{index}."
+                match = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
+                if match:
+                    pending.setdefault(f"{prefix}attn.in_proj_{match.group(2)}", {})[match.group(1)] = tensor
+                    continue
+                for original, clip in _OPEN_CLIP:
+                    if rest.startswith(clip):
+                        rest = original + rest[len(clip):]
+                        break
+                out[prefix + rest] = tensor
+        for key, parts in pending.items():
+            out[key] = np.concatenate([parts["q"], parts["k"], parts["v"]], axis=0)
+    return out
