@@ -355,13 +355,26 @@ def _fetch_from_hub(model: str, revision: str | None) -> Path:
         index = json.loads(Path(index_file).read_text())
         folders = [k for k in index if not k.startswith("_")]
         allow = [f"{name}/*" for name in folders] + ["model_index.json"]
-        # Only Flax weights: PyTorch pickles are never fetched, let alone opened.
-        ignore = ["*.bin", "*.safetensors", "*.ckpt", "*.pt", "*.onnx", "*.onnx_data", "*.xml", "*.pb"]
-        return Path(
+        # Flax weights first; PyTorch pickles are never fetched, let alone opened.
+        ignore = ["*.bin", "*.safetensors", "*.ckpt", "*.pt", "*.pth", "*.onnx", "*.onnx_data", "*.xml", "*.pb"]
+        folder = Path(
             snapshot_download(
                 model, revision=revision, allow_patterns=allow, ignore_patterns=ignore, local_files_only=local_only
             )
         )
+        # Most repos ship only PyTorch-layout safetensors: fetch those for the parts without Flax
+        # weights (the plain, full-precision file; not the .fp16 / .non_ema variants).
+        lacking = [
+            name for name in folders
+            if name not in _WEIGHTLESS and (index.get(name) or [None])[0]
+            and (folder / name).is_dir() and _weights_format(folder / name, index[name][0]) is None
+        ]
+        if lacking:
+            safetensors = [f"{name}/{stem}.safetensors" for name in lacking for stem in set(_PT_STEMS.values())]
+            folder = Path(
+                snapshot_download(model, revision=revision, allow_patterns=safetensors, local_files_only=local_only)
+            )
+        return folder
     except Exception as err:  # noqa: BLE001 - every Hub failure becomes one clear line
         raise _hub_error(model, revision, err) from None
 

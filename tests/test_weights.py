@@ -240,3 +240,30 @@ def test_offline_unknown_id_fails_fast_and_clearly(monkeypatch, tmp_path):
     assert "nobody-here/no-such-model-xyz" in message and "\n" not in message
     assert "offline" in message.lower() or "cache" in message.lower()
     assert os.environ.get("HF_TOKEN", "never-set") not in message or "HF_TOKEN" not in os.environ
+
+
+def test_hub_repo_with_only_safetensors_fetches_those_and_never_pickles(monkeypatch, tmp_path, tiny_dir):
+    import huggingface_hub
+
+    from sdmagic import models
+
+    full = as_pytorch_layout(tiny_dir, tmp_path / "repo")
+    (full / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"a pickle the loader must not fetch")
+    configs_only = tmp_path / "configs-only"
+    shutil.copytree(full, configs_only, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    calls = []
+
+    def snapshot_download(repo, revision=None, allow_patterns=None, ignore_patterns=None, local_files_only=False):
+        calls.append((allow_patterns, ignore_patterns))
+        fetched = any(p.endswith(".safetensors") for p in allow_patterns)
+        return str(full if fetched else configs_only)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, **kw: str(full / name))
+    monkeypatch.setattr(models, "_hub_reachable", lambda: True)
+    model = models.load_model("someone/pt-only", safety_checker=False)
+    assert model.params["unet"] and len(calls) == 2
+    first, second = calls
+    assert "*.bin" in first[1] and "*.safetensors" in first[1]  # Flax first, nothing PyTorch
+    assert all(p.endswith(".safetensors") for p in second[0])  # then safetensors only, never a pickle
+    assert "unet/diffusion_pytorch_model.safetensors" in second[0]
