@@ -601,21 +601,27 @@ def _pipeline(modules: dict, dtype: Any) -> Any:
 
 def _load_pytorch_layout(folder: Path, index: dict, formats: dict, dtype: str, trust_pickle: bool):
     """A diffusers folder whose weights are PyTorch-layout files: converted with numpy, no torch."""
-    modules = _modules(folder, DTYPES[dtype], with_checker="safety_checker" in formats)
-    cast = _caster(DTYPES[dtype])
-    weights = {}
+    paths = {}
     for part, kind in formats.items():
         library = index[part][0]
         if kind == "flax":
-            path = folder / part / _FLAX_WEIGHTS.get(library if library in _FLAX_WEIGHTS else "transformers")
+            paths[part] = folder / part / _FLAX_WEIGHTS.get(library if library in _FLAX_WEIGHTS else "transformers")
+        elif kind == "safetensors":
+            paths[part] = _pytorch_file(folder / part, library, ".safetensors")
+        else:
+            paths[part] = next(p for p in sorted((folder / part).iterdir()) if p.suffix in PICKLE_SUFFIXES)
+            if not trust_pickle:  # before anything else is read
+                raise refuse_pickle(paths[part])
+    modules = _modules(folder, DTYPES[dtype], with_checker="safety_checker" in formats)
+    cast = _caster(DTYPES[dtype])
+    weights = {}
+    for part, path in paths.items():
+        library = index[part][0]
+        if formats[part] == "flax":
             from flax.serialization import msgpack_restore
 
             weights[part] = jax.tree_util.tree_map(cast, msgpack_restore(path.read_bytes()))
             continue
-        suffix = ".safetensors" if kind == "safetensors" else None
-        path = _pytorch_file(folder / part, library, suffix) if suffix else next(
-            p for p in sorted((folder / part).iterdir()) if p.suffix in PICKLE_SUFFIXES
-        )
         state = _read_pytorch(path, trust_pickle, cast)
         weights[part] = pytorch_to_flax(
             state, _shapes(modules[part]), diffusers_names=library == "diffusers", what=f"{part}/{path.name}",

@@ -234,8 +234,11 @@ def test_model_folder_errors(tmp_path, tiny_dir):
     with pytest.raises(SDMagicError, match="lacks vae/"):
         sdmagic.setup(str(broken))
     (broken / "vae").mkdir()
+    (broken / "vae" / "config.json").write_text("{}")
+    with pytest.raises(SDMagicError, match="no weights in vae/"):
+        sdmagic.setup(str(broken))
     (broken / "vae" / "diffusion_pytorch_model.bin").write_bytes(b"")
-    with pytest.raises(SDMagicError, match="no Flax weights in vae/"):
+    with pytest.raises(SDMagicError, match="diffusion_pytorch_model.bin is a pickle file .* can run any code"):
         sdmagic.setup(str(broken))
 
 
