@@ -32,6 +32,16 @@ def to_pil(pixels: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(p), mode="RGB") for p in pixels]
 
 
+def _seed_list(seeds: list[int]) -> str:
+    """'3..10' for consecutive seeds (the usual cell), else the runs: '100..101, 7..8'."""
+    runs, start = [], 0
+    for i in range(1, len(seeds) + 1):
+        if i == len(seeds) or seeds[i] != seeds[i - 1] + 1:
+            runs.append(str(seeds[start]) if i - 1 == start else f"{seeds[start]}..{seeds[i - 1]}")
+            start = i
+    return ", ".join(runs[:4]) + (", ..." if len(runs) > 4 else "")
+
+
 def default_cols(count: int) -> int:
     return max(1, min(count, 4))
 
@@ -188,7 +198,7 @@ class GenerationResult:
     def __repr__(self) -> str:
         """A header and a table of prompts, seeds and files: what a terminal IPython shows."""
         n = len(self.info)
-        seeds = f"seed {self.seeds[0]}" if n == 1 else f"seeds {self.seeds[0]}..{self.seeds[-1]}"
+        seeds = f"seed {self.seeds[0]}" if n == 1 else f"seeds {_seed_list(self.seeds)}"
         random = " (random)" if self.seed_was_random else ""
         flagged = sum(self.nsfw)
         flagged_note = f", {flagged} blacked out by the safety checker" if flagged else ""

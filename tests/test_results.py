@@ -188,6 +188,7 @@ def test_per_line_options_group_by_shape(shell, compiles):
     assert [i.guidance for i in result.info] == [5.0, 5.0, 7.5, 7.5, 7.5]
     assert [i.width for i in result.info] == [64, 64, 64, 128, 64] and result.info[3].negative == "dark, cold"
     assert result.images[3].size == (128, 64)
+    assert "seeds 7..8, 102..104" in repr(result)
     # Two shapes: two compiled calls at most, the 64x64 lines together.
     alone, _ = run_cell(shell, "--seed 102", "a plain line")
     assert np.abs(pixels(alone.images) - pixels(result.images[2:3])).max() <= 2
