@@ -12,6 +12,7 @@ Sources a user can name with `model=`:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -544,11 +545,33 @@ def _base_scheduler(folder: Path) -> tuple[Any, str]:
     return cls.from_config({k: v for k, v in config.items() if k in accepted}), name
 
 
+# PyTorch-config settings that change the network but that diffusers' Flax modules do not build:
+# refuse them rather than build a different network that quietly draws wrong images.
+_UNSUPPORTED = {
+    "class_embed_type": None, "time_cond_proj_dim": None, "resnet_time_scale_shift": "default",
+    "conv_in_kernel": 3, "conv_out_kernel": 3, "time_embedding_type": "positional",
+    "encoder_hid_dim": None, "num_class_embeds": None,
+}
+
+
+def _flax_module(cls: Any, config: dict, dtype: Any, where: str) -> Any:
+    """A diffusers Flax module from a PyTorch or Flax component config (only the keys it takes)."""
+    for key, default in _UNSUPPORTED.items():
+        if config.get(key, default) != default:
+            raise ModelLoadError(
+                f"{where} sets {key}={config[key]!r}, which diffusers' Flax {cls.__name__} does not"
+                " support: this model cannot run in sdmagic"
+            )
+    accepted = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "dtype"}
+    return cls(**{k: v for k, v in config.items() if k in accepted}, dtype=dtype)
+
+
 def _modules(folder: Path, dtype: Any, with_checker: bool) -> dict:
     """Flax modules built from a diffusers-layout folder's configs, without weights."""
     try:
-        unet = FlaxUNet2DConditionModel.from_config(FlaxUNet2DConditionModel.load_config(str(folder / "unet")), dtype=dtype)
-        vae = FlaxAutoencoderKL.from_config(FlaxAutoencoderKL.load_config(str(folder / "vae")), dtype=dtype)
+        unet = _flax_module(FlaxUNet2DConditionModel, FlaxUNet2DConditionModel.load_config(str(folder / "unet")),
+                            dtype, "unet/config.json")
+        vae = _flax_module(FlaxAutoencoderKL, FlaxAutoencoderKL.load_config(str(folder / "vae")), dtype, "vae/config.json")
         text_encoder = FlaxCLIPTextModel(
             CLIPTextConfig.from_pretrained(str(folder / "text_encoder")), _do_init=False, dtype=dtype
         )
@@ -675,7 +698,7 @@ def _load_single_file(path: Path, config: str | None, dtype: str, revision: str 
     conv_in = checkpoint.get("model.diffusion_model.input_blocks.0.0.weight")
     if conv_in is not None and conv_in.shape[1] != unet_config["in_channels"]:
         unet_config["in_channels"] = int(conv_in.shape[1])
-        modules["unet"] = FlaxUNet2DConditionModel.from_config(unet_config, dtype=DTYPES[dtype])
+        modules["unet"] = _flax_module(FlaxUNet2DConditionModel, unet_config, DTYPES[dtype], path.name)
     text_layers = modules["text_encoder"].config.num_hidden_layers
     unet_pt, vae_pt, text_pt = ldm_to_diffusers(checkpoint, unet_config, vae_config, family, text_layers)
     weights = {}

@@ -267,3 +267,17 @@ def test_hub_repo_with_only_safetensors_fetches_those_and_never_pickles(monkeypa
     assert "*.bin" in first[1] and "*.safetensors" in first[1]  # Flax first, nothing PyTorch
     assert all(p.endswith(".safetensors") for p in second[0])  # then safetensors only, never a pickle
     assert "unet/diffusion_pytorch_model.safetensors" in second[0]
+
+
+def test_a_unet_config_flax_cannot_build_is_refused(tiny_dir, tmp_path):
+    folder = as_pytorch_layout(tiny_dir, tmp_path / "pt-layout")
+    config_file = folder / "unet" / "config.json"
+    config = json.loads(config_file.read_text())
+    config.update(class_embed_type="timestep", act_fn="silu", center_input_sample=False)  # PyTorch-only keys
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="class_embed_type='timestep'.*does not support"):
+        sdmagic.setup(str(folder))
+    config.pop("class_embed_type")
+    config_file.write_text(json.dumps(config))
+    session = sdmagic.setup(str(folder), cache=False, devices=1)  # other PyTorch-only keys are fine
+    session.close()
