@@ -49,6 +49,9 @@ cells = [
         "a watercolour of a mountain lake\n"
         "a robot reading a book in a library"
     ),
+    new_markdown_cell("## Compile time against inference time"),
+    new_code_cell("%sd_time"),
+    new_code_cell("%sd_time --runs 3"),
     new_markdown_cell(
         "## Options per line\nAfter ` -- `, a line can set its own seed, number of images, guidance, negative "
         "prompt, steps or size. Lines of another size run in their own compiled calls."
@@ -67,9 +70,6 @@ cells = [
         "print(saved)\n"
         "%sd_from_png $saved"
     ),
-    new_markdown_cell("## Compile time against inference time"),
-    new_code_cell("%sd_time"),
-    new_code_cell("%sd_time --runs 3"),
     new_markdown_cell("## The same from plain Python"),
     new_code_cell(
         "import sdmagic\n\n"

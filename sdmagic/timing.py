@@ -107,7 +107,8 @@ class TimingReport:
         n = len(self.seconds)
         text = (
             f"{_seconds(self.median)} per run (median of {n} run{'s' if n != 1 else ''}:"
-            f" min {_seconds(self.best)}, max {_seconds(self.worst)}), {self.images_per_run} images per run"
+            f" min {_seconds(self.best)}, max {_seconds(self.worst)}), {self.images_per_run}"
+            f" image{'s' if self.images_per_run != 1 else ''} per run"
             f" = {_seconds(self.seconds_per_image)} per image, {1 / self.seconds_per_image:.2f} images/s"
             f" [{self.shape}]"
         )
