@@ -490,26 +490,15 @@ def load_model(
             pipeline.safety_checker = checker
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"could not read model folder {str(folder)!r}: {str(err).splitlines()[0]}") from None
-    sched, sched_state, sched_name = _make_scheduler(scheduler, pipeline.scheduler)
     params.pop("scheduler", None)
     # One component at a time, dropping each original once cast: the peak extra host memory is
     # the largest component (the UNet), not a second copy of the whole pipeline.
     weights = {name: _cast_floats(params.pop(name), DTYPES[dtype]) for name in list(params)}
-    return LoadedModel(
-        name=model,
-        source=str(folder),
-        pipeline=pipeline,
-        params=weights,
-        scheduler=sched,
-        scheduler_state=sched_state,
-        scheduler_name=sched_name,
-        dtype=dtype,
-        load_seconds=time.perf_counter() - start,
-        feature_extractor=getattr(pipeline, "feature_extractor", None),
-    )
+    return _loaded(model, str(folder), pipeline, weights, scheduler, dtype, start)
 
 
 def _loaded(name, source, pipeline, weights, scheduler, dtype, start) -> LoadedModel:
+    """The LoadedModel of a pipeline and its host weights, with `scheduler` (None: the model's own)."""
     sched, sched_state, sched_name = _make_scheduler(scheduler, pipeline.scheduler)
     return LoadedModel(
         name=name,
@@ -850,20 +839,8 @@ def random_model(arch: str = "sd1", *, dtype: str = "float32", scheduler: str | 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         pipeline, params, _ = _random_pipeline(arch, seed, Path(tokenizer_dir), DTYPES[dtype])
-    sched, sched_state, sched_name = _make_scheduler(scheduler, pipeline.scheduler)
     weights = {name: _cast_floats(params.pop(name), DTYPES[dtype]) for name in list(params)}
-    return LoadedModel(
-        name=f"random {arch}",
-        source="memory",
-        pipeline=pipeline,
-        params=weights,
-        scheduler=sched,
-        scheduler_state=sched_state,
-        scheduler_name=sched_name,
-        dtype=dtype,
-        load_seconds=time.perf_counter() - start,
-        feature_extractor=pipeline.feature_extractor,
-    )
+    return _loaded(f"random {arch}", "memory", pipeline, weights, scheduler, dtype, start)
 
 
 def with_scheduler(model: LoadedModel, scheduler: str) -> LoadedModel:
