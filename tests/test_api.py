@@ -340,3 +340,20 @@ def test_hub_failures_say_what_to_do(monkeypatch, error, message):
     with pytest.raises(SDMagicError, match=message) as info:
         sdmagic.setup("someone/some-model", revision="nope")
     assert "\n" not in str(info.value)
+
+
+def test_random_models_for_the_bench_build_in_memory(tiny_dir):
+    """bench/speed.py --full builds SD 1.x this way; the tiny architecture checks the same code."""
+    from sdmagic.devices import find_devices
+    from sdmagic.models import random_model, with_scheduler
+    from sdmagic.session import Session
+
+    model = random_model("tiny", dtype="bfloat16")
+    assert model.source == "memory" and model.scheduler_name == "pndm"
+    assert {str(x.dtype) for x in jax.tree_util.tree_leaves(model.params)} == {"bfloat16"}
+    dpm = with_scheduler(model, "dpm")
+    assert dpm.scheduler_name == "dpm" and dpm.params is model.params
+    session = Session(dpm, find_devices(2))
+    result = session.generate(["a fox"], seed=1, steps=STEPS)
+    assert pixels(result).std() > 5
+    session.close()
