@@ -424,14 +424,20 @@ def _make_scheduler(name: str | None, pipeline_scheduler: Any) -> tuple[Any, Any
     return scheduler, scheduler.create_state(), name
 
 
-def _cast_floats(tree: Any, dtype: Any) -> Any:
-    """Cast floating leaves of one component to `dtype` on the host."""
+def _caster(dtype: Any):
+    """A host-side cast of floating arrays to `dtype` (integer arrays pass through)."""
+    target = np.dtype(dtype)
 
     def cast(x):
         x = np.asarray(x)
-        return x.astype(dtype) if np.issubdtype(x.dtype, np.floating) or x.dtype == jnp.bfloat16 else x
+        return x.astype(target) if np.issubdtype(x.dtype, np.floating) or x.dtype == jnp.bfloat16 else x
 
-    return jax.tree_util.tree_map(cast, tree)
+    return cast
+
+
+def _cast_floats(tree: Any, dtype: Any) -> Any:
+    """Cast floating leaves of one component to `dtype` on the host."""
+    return jax.tree_util.tree_map(_caster(dtype), tree)
 
 
 def load_model(
@@ -586,15 +592,6 @@ def _shapes(module: Any) -> Any:
     return jax.eval_shape(module.init_weights, key)
 
 
-def _caster(dtype: Any):
-    target = np.dtype(dtype)
-
-    def cast(x):
-        return x.astype(target) if np.issubdtype(x.dtype, np.floating) or x.dtype == jnp.bfloat16 else x
-
-    return cast
-
-
 def _read_pytorch(path: Path, trust_pickle: bool, cast) -> dict[str, np.ndarray]:
     if path.suffix in PICKLE_SUFFIXES:
         if not trust_pickle:
@@ -632,7 +629,7 @@ def _load_pytorch_layout(folder: Path, index: dict, formats: dict, dtype: str, t
         if formats[part] == "flax":
             from flax.serialization import msgpack_restore
 
-            weights[part] = jax.tree_util.tree_map(cast, msgpack_restore(path.read_bytes()))
+            weights[part] = _cast_floats(msgpack_restore(path.read_bytes()), DTYPES[dtype])
             continue
         state = _read_pytorch(path, trust_pickle, cast)
         weights[part] = pytorch_to_flax(

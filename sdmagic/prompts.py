@@ -45,8 +45,3 @@ def parse_prompt_lines(cell: str) -> list[tuple[int, str, str]]:
             prompt, options = split_line(text)
             lines.append((number, prompt, options))
     return lines
-
-
-def parse_prompts(cell: str) -> list[str]:
-    """The prompts of a cell, without their per-line options."""
-    return [prompt for _, prompt, _ in parse_prompt_lines(cell)]

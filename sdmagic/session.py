@@ -369,10 +369,10 @@ class Session:
         count = len(request.prompts)
         calls = math.ceil(count / key.batch)
         # Padding repeats the first image's inputs; its outputs are dropped before anyone sees them.
-        pad = [0] * (calls * key.batch - count)
-        ids, neg_ids = np.concatenate([ids, ids[pad]]), np.concatenate([neg_ids, neg_ids[pad]])
-        seeds = np.asarray(list(request.seeds) + [request.seeds[0]] * len(pad), dtype=np.uint32)
-        guidance = np.asarray(list(request.guidances) + [request.guidances[0]] * len(pad), dtype=np.float32)
+        order = np.concatenate([np.arange(count), np.zeros(calls * key.batch - count, dtype=int)])
+        ids, neg_ids = ids[order], neg_ids[order]
+        seeds = np.asarray(request.seeds, dtype=np.uint32)[order]
+        guidance = np.asarray(request.guidances, dtype=np.float32)[order]
         pending = []
         for c in range(calls):
             part = slice(c * key.batch, (c + 1) * key.batch)
@@ -462,10 +462,6 @@ class Session:
             seed_was_random=requests[0].seed_was_random,
             warnings=messages,
         )
-
-    def run(self, request: GenerationRequest, **options) -> GenerationResult:
-        """`run_requests` for one request."""
-        return self.run_requests([request], **options)
 
     def generate(
         self,
