@@ -49,6 +49,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'sdmagic' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    # The lazy names are part of the API: dir() and tab completion must show them.
+    return sorted(set(globals()) | set(_LAZY))
+
+
 def load_ipython_extension(ipython) -> None:
     """`%load_ext sdmagic`: register %sd_setup, %sd / %%sd, %sd_time, %sd_history, %sd_show, %sd_from_png."""
     from .magics import SDMagics

@@ -17,7 +17,10 @@ class HistoryTrimmedWarning(UserWarning):
 
 
 class History:
-    """The session's results in order; `history[n]` is run n (1-based, as `%sd_show n`)."""
+    """The session's results in order; `history[n]` is run n (1-based, as `%sd_show n`).
+
+    It outlives a new %sd_setup (the new session takes it over); each result names its model
+    and scheduler."""
 
     def __init__(self, max_images: int = DEFAULT_MAX_IMAGES):
         self.runs: list[GenerationResult] = []
@@ -71,7 +74,7 @@ class HistoryTable:
         self.runs = runs
 
     def rows(self) -> list[tuple[str, ...]]:
-        rows = [("#", "images", "prompts", "seeds", "size", "steps", "compile s", "run s", "saved")]
+        rows = [("#", "images", "prompts", "seeds", "size", "steps", "model", "compile s", "run s", "saved")]
         for r in self.runs:
             prompts = list(dict.fromkeys(r.prompts))
             text = shorten(prompts[0], 32) + (f" (+{len(prompts) - 1} more)" if len(prompts) > 1 else "")
@@ -83,7 +86,8 @@ class HistoryTable:
             else:
                 saved = "-"
             images = str(len(r.info)) + ("" if r.images_in_memory else " (dropped)")
-            rows.append((str(r.number), images, text, seeds, sizes, steps, f"{r.compile_seconds:.2f}",
+            model = f"{shorten(r.model, 32)} ({r.scheduler})"
+            rows.append((str(r.number), images, text, seeds, sizes, steps, model, f"{r.compile_seconds:.2f}",
                          f"{r.run_seconds:.2f}", saved))
         return rows
 

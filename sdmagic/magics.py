@@ -7,31 +7,45 @@ the API, so the notebook and a script get the same checks and the same messages.
 from __future__ import annotations
 
 import argparse
-import shlex
+import warnings
 from contextlib import contextmanager
+from dataclasses import replace
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Float, Integer, Unicode, observe
 
-from .errors import SDMagicError
-from .prompts import Prompt, parse_prompt_lines
+from .errors import SDMagicError, magic_style
+from .prompts import Prompt, parse_prompt_lines, split_words
+
+
+def _warning_on_one_line(message, category, filename, lineno, line=None):
+    """A warning as `Category: message`: no file path and no echo of the line that warned (which
+    was often a line of traitlets or IPython, not of the user's cell)."""
+    return f"{category.__name__}: {message}\n"
 
 
 @contextmanager
 def _usage_errors():
-    """SDMagicError -> UsageError: one line, no traceback, the session untouched."""
+    """SDMagicError -> UsageError: one line, no traceback, the session untouched. Within, messages
+    name options as flags (`--seed 3`) and warnings print as one line."""
+    # Only the format changes: whoever shows or records warnings (a notebook, pytest) still does.
+    previous, warnings.formatwarning = warnings.formatwarning, _warning_on_one_line
     try:
-        yield
+        with magic_style():
+            yield
     except SDMagicError as err:
         raise UsageError(str(err)) from None
+    finally:
+        warnings.formatwarning = previous
 
 
 def _parse(magic, line: str):
-    """Parse like a shell: IPython's own splitter keeps the quotes of `--negative 'a, b'`."""
+    """Parse like a shell, except that a quote inside a word (`a cat's portrait`) is a letter.
+    IPython's own splitter would keep the quotes of `--negative 'a, b'`."""
     try:
-        words = shlex.split(line)
+        words = split_words(line)
     except ValueError as err:
         raise UsageError(f"could not read the options ({err}): close every quote") from None
     try:
@@ -61,18 +75,18 @@ def _prompts_of_cell(cell: str) -> list[Prompt]:
     parser = _line_option_parser()
     prompts = []
     for number, text, options in parse_prompt_lines(cell):
-        if not options:
+        if options is None:
             prompts.append(Prompt(text))
             continue
+        if not text:
+            raise UsageError(f"line {number} of the cell has options but no prompt before ' -- '")
         try:
-            words = shlex.split(options)
+            words = split_words(options)
             parsed = vars(parser.parse_args(words))
         except (ValueError, SDMagicError) as err:
             raise UsageError(
                 f"line {number} of the cell: {err} (options after ' -- ' may be {', '.join(_LINE_OPTIONS)})"
             ) from None
-        if not text:
-            raise UsageError(f"line {number} of the cell has options but no prompt before ' -- '")
         prompts.append(Prompt(text, **parsed))
     return prompts
 
@@ -187,7 +201,7 @@ class SDMagics(Magics):
     @argument("--negative", default=None, help="negative prompt, quoted if it has spaces")
     @argument("--n", default=None, help="images per prompt (default 1)")
     @argument("--cols", default=None, help="grid columns (default: up to 4)")
-    @argument("--per-device-batch", default=None, help="images per device per call, for this cell (default: %sd_setup's)")
+    @argument("--per-device-batch", default=None, help="images per device per call, for this cell (default: %%sd_setup's)")
     @argument("--save", default=None, metavar="DIR", help="write each image (PNG with its parameters) and the grid to DIR")
     @argument("--no-save", action="store_true", help="do not save this cell even if SDMagics.save_dir is set")
     @argument("prompt", nargs="*", help="line form only: the prompt, e.g. %%sd --seed 3 a red fox")
@@ -217,8 +231,6 @@ class SDMagics(Magics):
             raise UsageError("--save and --no-save contradict each other: give one of them")
         session = self._require_session()
         with _usage_errors():
-            cols = _or(args.cols, self.default_cols)
-            cols = None if cols is None else _whole(cols, "--cols")
             result = session.generate(
                 prompts,
                 seed=_or(args.seed, self.default_seed),
@@ -230,14 +242,14 @@ class SDMagics(Magics):
                 images_per_prompt=_or(args.n, self.default_n),
                 per_device_batch=_or(args.per_device_batch, self.default_per_device_batch),
                 save=None if args.no_save else _or(args.save, self.save_dir),
+                cols=_or(args.cols, self.default_cols),
             )
-            result.display_cols = cols
         if result.seed_was_random:
             print(f"random seed {result.seeds[0]} (repeat with --seed {result.seeds[0]})")
         return result
 
     @magic_arguments()
-    @argument("--runs", default=None, help="re-run the last %%sd configuration N times and report median/min/max")
+    @argument("--runs", default=None, help="re-run the last %%%%sd configuration N times and report median/min/max")
     @argument("-o", dest="output", action="store_true", help="return the timing object")
     @line_magic
     def sd_time(self, line):
@@ -262,7 +274,7 @@ class SDMagics(Magics):
         return table if args.output else None
 
     @magic_arguments()
-    @argument("number", help="the run's number in %sd_history")
+    @argument("number", help="the run's number in %%sd_history")
     @argument("--cols", default=None, help="grid columns")
     @argument("--save", default=None, metavar="DIR", help="also write its images and grid to DIR")
     @line_magic
@@ -278,8 +290,11 @@ class SDMagics(Magics):
                     f" SDMagics.history_images = {self.history_images}; {result._files_note()}"
                 )
             if args.cols is not None:
-                result.display_cols = _whole(args.cols, "--cols")
-            if args.save:
+                # A view of the run with other columns; the run in the history stays as it was.
+                result = replace(result, display_cols=_whole(args.cols, "--cols"))
+            if args.save is not None:
+                if not args.save.strip():
+                    raise SDMagicError("--save needs a folder name, got an empty one: e.g. --save outputs")
                 result.save(args.save)
         return result
 

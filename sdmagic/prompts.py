@@ -10,8 +10,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# " -- " (or a trailing " --") separates a prompt from its options; a "--" inside a word does not.
-_OPTIONS = re.compile(r"^(?P<prompt>.*?)\s+--(?:\s+(?P<options>.*))?$")
+# " -- " (or a trailing " --", or a "-- " that starts the line) separates a prompt from its
+# options; a "--" inside a word does not.
+_OPTIONS = re.compile(r"^(?P<prompt>.*?)(?:^|\s+)--(?:\s+(?P<options>.*))?$")
 
 
 @dataclass(frozen=True)
@@ -28,16 +29,16 @@ class Prompt:
     width: int | None = None
 
 
-def split_line(line: str) -> tuple[str, str]:
-    """'a fox -- --seed 7' -> ('a fox', '--seed 7'); a line without ' -- ' -> (line, '')."""
+def split_line(line: str) -> tuple[str, str | None]:
+    """'a fox -- --seed 7' -> ('a fox', '--seed 7'); a line without ' -- ' -> (line, None)."""
     match = _OPTIONS.match(line.strip())
     if not match:
-        return line.strip(), ""
+        return line.strip(), None
     return match.group("prompt").strip(), (match.group("options") or "").strip()
 
 
-def parse_prompt_lines(cell: str) -> list[tuple[int, str, str]]:
-    """(line number from 1, prompt, option text) for each prompt line of a cell."""
+def parse_prompt_lines(cell: str) -> list[tuple[int, str, str | None]]:
+    """(line number from 1, prompt, option text or None without ' -- ') for each prompt line."""
     lines = []
     for number, line in enumerate(cell.splitlines(), start=1):
         text = line.strip()
@@ -45,3 +46,36 @@ def parse_prompt_lines(cell: str) -> list[tuple[int, str, str]]:
             prompt, options = split_line(text)
             lines.append((number, prompt, options))
     return lines
+
+
+def split_words(text: str) -> list[str]:
+    """Split option text into words like a shell, except that a quote inside a word is a letter.
+
+    `--negative 'a, b'` keeps 'a, b' together, as a shell does, and `a cat's portrait` stays three
+    words (a shell would wait for the closing quote). A quote opens a quoted part only at the start
+    of a word; inside one, a backslash escapes the quote character. Raises ValueError for a quoted
+    part that is never closed.
+    """
+    words: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        if text[i].isspace():
+            i += 1
+            continue
+        if text[i] in "'\"":
+            quote, i, word = text[i], i + 1, []
+            while i < n and text[i] != quote:
+                if text[i] == "\\" and i + 1 < n and text[i + 1] in (quote, "\\"):
+                    i += 1
+                word.append(text[i])
+                i += 1
+            if i >= n:
+                raise ValueError(f"no closing quotation ({quote}) for the text starting {''.join(word)[:20]!r}")
+            i += 1
+            words.append("".join(word))
+            continue
+        start = i
+        while i < n and not text[i].isspace():
+            i += 1
+        words.append(text[start:i])
+    return words

@@ -9,8 +9,11 @@ from __future__ import annotations
 import math
 import os
 import secrets
+import shlex
 import time
 import warnings
+from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,11 +25,12 @@ from tqdm.auto import tqdm
 from . import generate as gen
 from .compile_cache import ExecutableStore, configure_jax_cache, default_cache_dir, executable_key
 from .devices import DevicePlan, default_per_device_batch, find_devices, place_batch, place_replicated
-from .errors import SDMagicError
+from .errors import SDMagicError, example, in_magic, option
 from .models import LoadedModel, load_model, resolve_dtype
 from .output import GenerationResult, ImageInfo, to_pil
 from .prompts import Prompt
 from .history import History
+from .text import printable
 from .timing import RunRecord, TimingLog, TimingReport
 
 MAX_SEED = 2**32 - 1  # PRNGKey takes a 32-bit seed
@@ -34,6 +38,18 @@ MAX_SIDE = 4096  # pixels; beyond this a single image no longer fits any acceler
 MAX_STEPS = 1000  # the schedulers' training timesteps
 MAX_IMAGES_PER_PROMPT = 256
 MAX_PER_DEVICE_BATCH = 64
+# Beyond this guidance no longer steers: float32 arithmetic overflows into black images (1e308 is
+# inf), and already at 100 the pictures are saturated noise. A1111's slider stops at 30.
+MAX_GUIDANCE = 100.0
+MAX_COLS = 64
+# Calls started on the devices ahead of the host. One: the next call starts as soon as the last
+# one's pixels are fetched (before they become PIL images), so a device idles only for the copy.
+# More would not be faster, and would make Ctrl-C wait: on the CPU backend starting a second call
+# blocks, uninterruptibly, until the first is done, and the next cell waits for every call left.
+MAX_CALLS_IN_FLIGHT = 1
+# Prompts are tokenized up to this many characters: far beyond any encoder's window, and a 10 MB
+# prompt then costs no more than a long one.
+MAX_PROMPT_CHARS = 16384
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -42,6 +58,35 @@ class PromptTruncatedWarning(UserWarning):
 
 class SaveFailedWarning(UserWarning):
     """Images could not be written; they are still in the result and the session's history."""
+
+
+class CompiledCodeWarning(UserWarning):
+    """A saved executable could not run; it was deleted and compiled again."""
+
+
+@contextmanager
+def _out_of_memory_says_what_to_do(key: gen.ShapeKey, doing: str):
+    """XLA's RESOURCE_EXHAUSTED (out of device memory) -> one line with the shape and what to try."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        raise SDMagicError(
+            f"out of device memory {doing} {key.describe()}: try a smaller {option('height')} and"
+            f" {option('width')}, {example('per_device_batch', 1)}, or {example('dtype', 'bfloat16')} at setup"
+        ) from None
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One compiled call: images `first` .. `first + count` of `request`, with their host inputs."""
+
+    request: "GenerationRequest"
+    key: gen.ShapeKey
+    first: int
+    count: int
+    inputs: tuple
 
 
 @dataclass(frozen=True)
@@ -63,29 +108,35 @@ class GenerationRequest:
     positions: tuple[int, ...] = ()
 
 
-def _as_int(name: str, value: Any, minimum: int, maximum: int, hint: str) -> int:
+def _as_int(keyword: str, value: Any, minimum: int, maximum: int, hint: str) -> int:
+    """`value` as a whole number within bounds; errors name the option as the user wrote it
+    (`seed` in Python, `--seed` in a magic) and end with `hint`."""
+    name = option(keyword)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         try:
             if isinstance(value, bool) or float(value) != int(value):
                 raise ValueError
             value = int(value)
         except (TypeError, ValueError, OverflowError):
-            raise SDMagicError(f"{name} must be a whole number, got {value!r}: {hint}") from None
+            raise SDMagicError(f"{name} must be a whole number, got {printable(repr(value))}: {hint}") from None
     value = int(value)
     if not minimum <= value <= maximum:
         raise SDMagicError(f"{name} must be from {minimum} to {maximum}, got {value}: {hint}")
     return value
 
 
-def _as_float(name: str, value: Any, hint: str) -> float:
+def _as_float(keyword: str, value: Any, minimum: float, maximum: float, hint: str) -> float:
+    name = option(keyword)
     try:
         if isinstance(value, bool):
             raise TypeError
         number = float(value)
-    except (TypeError, ValueError):
-        raise SDMagicError(f"{name} must be a number, got {value!r}: {hint}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise SDMagicError(f"{name} must be a number, got {printable(repr(value))}: {hint}") from None
     if not math.isfinite(number):
-        raise SDMagicError(f"{name} must be a finite number, got {value!r}: {hint}")
+        raise SDMagicError(f"{name} must be a finite number, got {printable(repr(value))}: {hint}")
+    if not minimum <= number <= maximum:
+        raise SDMagicError(f"{name} must be from {minimum:g} to {maximum:g}, got {number:g}: {hint}")
     return number
 
 
@@ -104,16 +155,21 @@ class Session:
         *,
         per_device_batch: int | None = None,
         executable_store: ExecutableStore | None = None,
+        history: History | None = None,
+        timings: TimingLog | None = None,
     ):
+        """`history` and `timings`: carried over from an earlier session (a new %sd_setup keeps
+        them); each record names the model and scheduler that made it."""
         self.model = model
         self.plan = plan
         self.per_device_batch = self._per_device_batch(per_device_batch, default_per_device_batch(plan))
         self.executable_store = executable_store or ExecutableStore(None)
-        self.timings = TimingLog()
+        self.timings = timings if timings is not None else TimingLog()
         self._executables: dict[gen.ShapeKey, Any] = {}
+        self._unverified: set[gen.ShapeKey] = set()  # loaded from disk, not yet seen to run
         self._token_cache: dict[str, tuple[np.ndarray, str | None]] = {}
         self._last_call: tuple[list[GenerationRequest], int] | None = None  # and its per-device batch
-        self.history = History()
+        self.history = history if history is not None else History()
         # A bar per denoising step (a jax.debug.callback in the loop): about 1% slower on the CPU
         # bench (bench/progress.py) and not kept on disk, so it is opt-in.
         self.step_progress = False
@@ -139,7 +195,7 @@ class Session:
     def _per_device_batch(value: Any, default: int) -> int:
         if value is None:
             return default
-        return _as_int("per-device batch", value, 1, MAX_PER_DEVICE_BATCH, f"e.g. --per-device-batch {default}")
+        return _as_int("per_device_batch", value, 1, MAX_PER_DEVICE_BATCH, f"e.g. {example('per_device_batch', default)}")
 
     @property
     def safety_checker(self) -> bool:
@@ -152,10 +208,12 @@ class Session:
     def describe(self) -> str:
         # A replicated array reports its logical size: the bytes each device holds.
         param_mb = sum(x.nbytes for x in jax.tree_util.tree_leaves(self.params)) / 1e6
-        checker = "safety checker on" if self.safety_checker else "safety checker off"
+        # "none shipped" (the model has no checker) reads differently from "off" (you turned it off).
+        state = getattr(self.model, "safety_checker_state", None) or ("on" if self.safety_checker else "off")
+        checker = f"safety checker: {state}"
         per_call = f"{self.per_device_batch} image{'s' if self.per_device_batch != 1 else ''} per device per call"
         return (
-            f"sdmagic: {self.plan.describe()}, {per_call} | model {self.model.name} ({self.model.scheduler_name},"
+            f"sdmagic: {self.plan.describe()}, {per_call} | model {printable(self.model.name, 160)} ({self.model.scheduler_name},"
             f" {self.model.dtype}, {param_mb:.0f} MB per device) | {checker} |"
             f" loaded in {self.model.load_seconds + self.place_seconds:.1f} s"
         )
@@ -181,11 +239,12 @@ class Session:
         multiple = self.model.size_multiple
         if value is None:
             value = self.model.default_size
-        value = _as_int(name, value, 1, MAX_SIDE, f"use a multiple of {multiple}, e.g. {self.model.default_size}")
+        value = _as_int(name, value, 1, MAX_SIDE, f"use a multiple of {multiple}, e.g. {example(name, self.model.default_size)}")
         if value % multiple:
             lower = max(multiple, value - value % multiple)
             raise SDMagicError(
-                f"{name} {value} is not a multiple of {multiple}, which this model needs: try {lower} or {lower + multiple}"
+                f"{option(name)} {value} is not a multiple of {multiple}, which this model needs:"
+                f" try {lower} or {lower + multiple}"
             )
         return value
 
@@ -216,11 +275,11 @@ class Session:
         for number, item in enumerate(items, start=1):
             # Mistakes name the prompt when the cell has several, or the prompt has options of its own.
             named = len(items) > 1 or item != Prompt(item.text)
-            where = f"prompt {number} ({shorten_for_warning(item.text)!r}): " if named else ""
+            where = f"prompt {number} ({printable(item.text, 50)!r}): " if named else ""
             try:
                 options = self._image_options(item, steps, guidance, height, width, negative, images_per_prompt)
                 if item.seed is not None:
-                    hint = "use a non-negative integer, e.g. --seed 3"
+                    hint = f"use a non-negative integer, e.g. {example('seed', 3)}"
                     options["seed"] = _as_int("seed", item.seed, 0, MAX_SEED - options["n"] + 1, hint)
             except SDMagicError as err:
                 raise SDMagicError(where + str(err)) from None
@@ -230,7 +289,7 @@ class Session:
         if seed is None:
             seed = secrets.randbelow(2**31)
         # Image i of the cell uses seed + i, so the whole cell's range must fit in 32 bits.
-        seed = _as_int("seed", seed, 0, MAX_SEED - count + 1, "use a non-negative integer, e.g. --seed 3")
+        seed = _as_int("seed", seed, 0, MAX_SEED - count + 1, f"use a non-negative integer, e.g. {example('seed', 3)}")
         groups: dict[tuple[int, int, int], dict[str, list]] = {}
         index = 0
         for item, options in chosen:
@@ -262,11 +321,14 @@ class Session:
 
         chosen_negative = pick(item.negative, negative)
         if chosen_negative is not None and not isinstance(chosen_negative, str):
-            raise SDMagicError(f"negative prompt must be text, got {type(chosen_negative).__name__}")
+            raise SDMagicError(f"{option('negative')} must be text, got {type(chosen_negative).__name__}")
+        steps_hint = f"e.g. {example('steps', 50)} (or 25 with {example('scheduler', 'dpm')})"
         return {
-            "steps": _as_int("steps", pick(item.steps, steps), 1, MAX_STEPS, "e.g. --steps 50 (or 25 with --scheduler dpm)"),
-            "guidance": _as_float("guidance", pick(item.guidance, guidance), "e.g. --guidance 7.5"),
-            "n": _as_int("images per prompt", pick(item.n, images_per_prompt), 1, MAX_IMAGES_PER_PROMPT, "e.g. --n 2"),
+            "steps": _as_int("steps", pick(item.steps, steps), 1, MAX_STEPS, steps_hint),
+            "guidance": _as_float("guidance", pick(item.guidance, guidance), -MAX_GUIDANCE, MAX_GUIDANCE,
+                                  f"e.g. {example('guidance', 7.5)}"),
+            "n": _as_int("images_per_prompt", pick(item.n, images_per_prompt), 1, MAX_IMAGES_PER_PROMPT,
+                         f"e.g. {example('images_per_prompt', 2)}"),
             "height": self._size("height", pick(item.height, height)),
             "width": self._size("width", pick(item.width, width)),
             "negative": chosen_negative.strip() if chosen_negative and chosen_negative.strip() else None,
@@ -280,15 +342,23 @@ class Session:
         return requests[0]
 
     def _tokens(self, prompt: str) -> tuple[np.ndarray, str | None]:
-        """Token ids padded to the encoder's length, and the text cut off (None if nothing was)."""
+        """Token ids padded to the encoder's length, and a note of what was cut (None if nothing):
+        how many tokens, and the start of the cut text (about 80 characters, at a word boundary)."""
         if prompt not in self._token_cache:
             tokenizer = self.model.pipeline.tokenizer
             limit = self.model.max_tokens
-            ids = tokenizer(prompt, padding="max_length", max_length=limit, truncation=False).input_ids
+            head = prompt[:MAX_PROMPT_CHARS]
+            ids = tokenizer(head, padding="max_length", max_length=limit, truncation=False).input_ids
             cut = None
             if len(ids) > limit:
                 # The last kept position holds the end token, as the truncating tokenizer does.
-                cut = tokenizer.decode(ids[limit - 1 : -1]).strip()
+                dropped = ids[limit - 1 : -1]
+                count = f"{'over ' if len(head) < len(prompt) else ''}{len(dropped)} token{'s' if len(dropped) != 1 else ''}"
+                # Enough tokens to fill the 80 characters shown, never the whole (maybe huge) rest.
+                text = printable(tokenizer.decode(dropped[:160]).strip(), 80)
+                if len(dropped) > 160 and not text.endswith("…"):
+                    text += "…"
+                cut = f"{count} cut: {text!r}"
                 ids = ids[: limit - 1] + [ids[-1]]
             if len(self._token_cache) > 4096:
                 self._token_cache.clear()
@@ -318,19 +388,50 @@ class Session:
         if key in self._executables:
             return self._executables[key], 0.0, "memory"
         start = time.perf_counter()
-        arguments = gen.argument_specs(self.model, key, self.plan, self.params, self.scheduler_state)
-        # An executable with a host callback cannot be serialised: step progress stays in memory.
-        store = self.executable_store if not key.step_progress else ExecutableStore(None)
-        digest = executable_key(self.model, key, self.plan, arguments) if store.enabled else ""
+        store, digest = self._store_for(key)
         executable = store.load(digest, self.plan)
         if executable is not None:
             source = "disk"
+            # A file can hold an executable that loads but does not run: its first call is checked.
+            self._unverified.add(key)
         else:
-            executable, _ = gen.compile_generate(self.model, key, self.plan, arguments, on_step=self._on_step)
-            store.store(digest, executable)
+            executable = self._compile(key, store, digest)
             source = "compiled"
         self._executables[key] = executable
         return executable, time.perf_counter() - start, source
+
+    def _store_for(self, key: gen.ShapeKey) -> tuple[ExecutableStore, str]:
+        # An executable with a host callback cannot be serialised: step progress stays in memory.
+        store = self.executable_store if not key.step_progress else ExecutableStore(None)
+        if not store.enabled:
+            return store, ""
+        arguments = gen.argument_specs(self.model, key, self.plan, self.params, self.scheduler_state)
+        return store, executable_key(self.model, key, self.plan, arguments)
+
+    def _compile(self, key: gen.ShapeKey, store: ExecutableStore, digest: str) -> Any:
+        arguments = gen.argument_specs(self.model, key, self.plan, self.params, self.scheduler_state)
+
+        def compile_now():
+            with _out_of_memory_says_what_to_do(key, "compiling"):
+                executable, _ = gen.compile_generate(self.model, key, self.plan, arguments, on_step=self._on_step)
+            return executable
+
+        return store.compile_and_store(digest, compile_now) if store.enabled else compile_now()
+
+    def _replace_broken(self, key: gen.ShapeKey, err: Exception) -> tuple[Any, float]:
+        """A loaded executable failed when called: delete its file, compile it again (and say so once)."""
+        store, digest = self._store_for(key)
+        store.discard(digest)
+        warnings.warn(
+            f"the compiled code saved for {key.describe()} did not run ({printable(str(err).splitlines()[0] if str(err) else type(err).__name__, 120)});"
+            " deleted it and compiled again",
+            CompiledCodeWarning,
+            stacklevel=4,
+        )
+        start = time.perf_counter()
+        self._executables[key] = self._compile(key, store, digest)
+        self._unverified.discard(key)
+        return self._executables[key], time.perf_counter() - start
 
     def warmup(
         self,
@@ -340,10 +441,13 @@ class Session:
         width: int | None = None,
         per_device_batch: int | None = None,
     ) -> tuple[gen.ShapeKey, float, str]:
-        """Compile (or load) the executable for a shape now, so the first cell of it runs at once."""
+        """Compile (or load) the executable for a shape now, so the first cell of it runs at once.
+        Its seconds go into the timing log (a warm-up record), as `%sd_time` reports them."""
         request = self.make_request(["warm-up"], seed=0, steps=steps, height=height, width=width)
         key = self.shape_key(request, per_device_batch)
         _, seconds, source = self.executable(key)
+        self.timings.add(RunRecord(0, seconds, 0.0, key.describe(), model=self.model.name,
+                                   scheduler=self.model.scheduler_name, kind="warm-up"))
         return key, seconds, source
 
     def _check_tokens(self, request: GenerationRequest, messages: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -352,19 +456,22 @@ class Session:
         for index, (prompt, cut) in enumerate(zip(request.prompts, cuts)):
             if cut and (index == 0 or request.prompts[index - 1] != prompt):
                 messages.append(
-                    f"prompt {shorten_for_warning(prompt)!r} is longer than the text encoder's"
-                    f" {self.model.max_tokens} tokens; this part was cut: {cut!r}"
+                    f"prompt {printable(prompt, 50)!r} is longer than the text encoder's"
+                    f" {self.model.max_tokens} tokens: {cut}"
                 )
-                warnings.warn(messages[-1], PromptTruncatedWarning, stacklevel=4)
+                warnings.warn(messages[-1], PromptTruncatedWarning, stacklevel=5)
         neg_ids, neg_cuts = zip(*(self._tokens(n or "") for n in request.negatives))
         for negative, cut in dict(zip(request.negatives, neg_cuts)).items():
             if cut:
-                messages.append(f"the negative prompt was cut after {self.model.max_tokens} tokens: {cut!r} dropped")
-                warnings.warn(messages[-1], PromptTruncatedWarning, stacklevel=4)
+                messages.append(
+                    f"negative prompt {printable(negative, 50)!r} is longer than the text encoder's"
+                    f" {self.model.max_tokens} tokens: {cut}"
+                )
+                warnings.warn(messages[-1], PromptTruncatedWarning, stacklevel=5)
         return np.stack(ids), np.stack(neg_ids)
 
-    def _dispatch(self, request: GenerationRequest, key: gen.ShapeKey, executable: Any, messages: list[str]) -> list:
-        """Start every call of `request` on the devices; returns the pending (pixels, nsfw) pairs."""
+    def _plan_calls(self, request: GenerationRequest, key: gen.ShapeKey, messages: list[str]) -> list["_Call"]:
+        """The calls that make `request`'s images: host inputs of one compiled shape each."""
         ids, neg_ids = self._check_tokens(request, messages)
         count = len(request.prompts)
         calls = math.ceil(count / key.batch)
@@ -373,12 +480,40 @@ class Session:
         ids, neg_ids = ids[order], neg_ids[order]
         seeds = np.asarray(request.seeds, dtype=np.uint32)[order]
         guidance = np.asarray(request.guidances, dtype=np.float32)[order]
-        pending = []
+        out = []
         for c in range(calls):
             part = slice(c * key.batch, (c + 1) * key.batch)
-            inputs = [place_batch(x[part], self.plan) for x in (ids, neg_ids, seeds, guidance)]
-            pending.append(executable(self.params, self.scheduler_state, *inputs))
-        return pending
+            first = c * key.batch
+            out.append(_Call(request, key, first, min(key.batch, count - first),
+                             tuple(x[part] for x in (ids, neg_ids, seeds, guidance))))
+        return out
+
+    def _start(self, call: "_Call") -> tuple:
+        """Start one call on the devices; returns its (pixels, nsfw) arrays, not yet computed."""
+        inputs = [place_batch(x, self.plan) for x in call.inputs]
+        with _out_of_memory_says_what_to_do(call.key, "running"):
+            return self._executables[call.key](self.params, self.scheduler_state, *inputs)
+
+    def _finish(self, call: "_Call", outputs: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """Wait for a started call and fetch its results. The wait polls, so that Ctrl-C takes
+        effect at once instead of when the devices finish (a blocking fetch holds off signals)."""
+        while not all(x.is_ready() for x in outputs):
+            time.sleep(0.005)
+        with _out_of_memory_says_what_to_do(call.key, "running"):
+            return tuple(np.asarray(x) for x in outputs)
+
+    def _run_checked(self, call: "_Call") -> tuple[tuple[np.ndarray, np.ndarray], float]:
+        """Run the first call of an executable loaded from disk and wait for it; if it fails, replace
+        the executable by a fresh compile and run again. Returns the results and compile seconds."""
+        try:
+            return self._finish(call, self._start(call)), 0.0
+        except SDMagicError:
+            raise
+        except Exception as err:  # noqa: BLE001 - whatever a broken file does, a fresh compile fixes it
+            _, seconds = self._replace_broken(call.key, err)
+            return self._finish(call, self._start(call)), seconds
+        finally:
+            self._unverified.discard(call.key)
 
     def _on_step(self, step) -> None:
         """Called from inside the compiled loop after each denoising step."""
@@ -393,61 +528,81 @@ class Session:
         *,
         per_device_batch: int | None = None,
         progress: bool | None = None,
+        cols: int | None = None,
     ) -> GenerationResult:
         """Generate validated requests (one per shape) as one result, images in cell order.
 
-        Executables are got first (compile seconds stay apart from run seconds); then every call of
-        every request is dispatched before any result is fetched, so the devices never wait on the
-        host. `progress`: a bar across calls (tqdm.auto: a widget in Jupyter, text in a terminal),
-        by default shown when there is more than one call.
+        Executables are got first (compile seconds stay apart from run seconds). Then the calls run
+        with at most MAX_CALLS_IN_FLIGHT started ahead of the host: the devices never wait on the
+        host, and Ctrl-C leaves at most that much abandoned work for the next cell to wait behind.
+        `progress`: a bar across calls (tqdm.auto: a widget in Jupyter, text in a terminal), shown
+        from the start, by default when there is more than one call. `cols`: the grid's columns.
         """
         keys = [self.shape_key(r, per_device_batch) for r in requests]
-        compile_seconds, compiled_from, executables = 0.0, "memory", []
+        compile_seconds, compiled_from = 0.0, "memory"
         for key in keys:
-            executable, seconds, source = self.executable(key)
-            executables.append(executable)
+            _, seconds, source = self.executable(key)
             compile_seconds += seconds
             if source != "memory":
                 compiled_from = source
         messages: list[str] = []
         start = time.perf_counter()
+        calls = [call for r, k in zip(requests, keys) for call in self._plan_calls(r, k, messages)]
+        total = sum(len(r.prompts) for r in requests)
+        images: list = [None] * total
+        info: list = [None] * total
+        step_bar = None
         if self.step_progress:
             # The loop reports steps as the devices make them: one bar across every call's steps.
-            steps_total = sum(math.ceil(len(r.prompts) / k.batch) * k.steps for r, k in zip(requests, keys))
-            step_bar = tqdm(total=steps_total, unit="step", desc="sdmagic", disable=progress is False, leave=False)
+            step_bar = tqdm(total=sum(c.key.steps for c in calls), unit="step", desc="sdmagic",
+                            disable=progress is False, leave=False)
             self._step_bar = step_bar
+        bar = tqdm(total=total, unit="image", desc="sdmagic", leave=False,
+                   disable=self.step_progress or not (len(calls) > 1 if progress is None else progress))
+        in_flight: deque = deque()
+
+        def collect(call, results):
+            pixels, nsfw = results
+            request = call.request
+            for j, image in enumerate(to_pil(pixels[: call.count])):
+                i = call.first + j
+                position = request.positions[i] if request.positions else i
+                images[position] = image
+                info[position] = ImageInfo(
+                    prompt=request.prompts[i], seed=request.seeds[i], negative=request.negatives[i],
+                    guidance=request.guidances[i], steps=request.steps, width=request.width,
+                    height=request.height, nsfw=bool(nsfw[j]),
+                )
+            bar.update(call.count)
+
         try:
-            pending = [self._dispatch(r, k, e, messages) for r, k, e in zip(requests, keys, executables)]
-            calls = sum(len(p) for p in pending)
-            total = sum(len(r.prompts) for r in requests)
-            images: list = [None] * total
-            info: list = [None] * total
-            with tqdm(total=total, unit="image", desc="sdmagic", leave=False,
-                      disable=self.step_progress or not (calls > 1 if progress is None else progress)) as bar:
-                for request, key, calls_of_request in zip(requests, keys, pending):
-                    done = 0
-                    for pixels, nsfw in calls_of_request:
-                        pixels, nsfw = np.asarray(pixels), np.asarray(nsfw)
-                        take = min(key.batch, len(request.prompts) - done)
-                        for j, image in enumerate(to_pil(pixels[:take])):
-                            i = done + j
-                            position = request.positions[i] if request.positions else i
-                            images[position] = image
-                            info[position] = ImageInfo(
-                                prompt=request.prompts[i], seed=request.seeds[i], negative=request.negatives[i],
-                                guidance=request.guidances[i], steps=request.steps, width=request.width,
-                                height=request.height, nsfw=bool(nsfw[j]),
-                            )
-                        done += take
-                        bar.update(take)
+            for call in calls:
+                if call.key in self._unverified:
+                    while in_flight:
+                        collect(*self._finish_first(in_flight))
+                    results, seconds = self._run_checked(call)
+                    compile_seconds += seconds
+                    collect(call, results)
+                    continue
+                fetched = []
+                while len(in_flight) >= MAX_CALLS_IN_FLIGHT:
+                    fetched.append(self._finish_first(in_flight))
+                in_flight.append((call, self._start(call)))
+                for done in fetched:  # turned into images while the devices run the next call
+                    collect(*done)
+            while in_flight:
+                collect(*self._finish_first(in_flight))
         finally:
-            if self.step_progress:
+            bar.close()
+            if step_bar is not None:
                 # Every result is fetched (or the run was stopped): later callbacks find no bar.
                 self._step_bar = None
+                step_bar.refresh()  # its last state shows even if the last steps came within tqdm's interval
                 step_bar.close()
         run_seconds = time.perf_counter() - start
         shapes = "; ".join(k.describe() for k in keys)
-        self.timings.add(RunRecord(total, compile_seconds, run_seconds, shapes))
+        self.timings.add(RunRecord(total, compile_seconds, run_seconds, shapes, model=self.model.name,
+                                   scheduler=self.model.scheduler_name))
         self._last_call = (list(requests), keys[0].batch // self.plan.count)
         return GenerationResult(
             images=images,
@@ -456,12 +611,17 @@ class Session:
             scheduler=self.model.scheduler_name,
             compile_seconds=compile_seconds,
             run_seconds=run_seconds,
-            calls=calls,
+            calls=len(calls),
             compiled_from=compiled_from,
             batch=keys[0].batch,
             seed_was_random=requests[0].seed_was_random,
             warnings=messages,
+            display_cols=cols,
         )
+
+    def _finish_first(self, in_flight: deque) -> tuple["_Call", tuple[np.ndarray, np.ndarray]]:
+        call, outputs = in_flight.popleft()
+        return call, self._finish(call, outputs)
 
     def generate(
         self,
@@ -477,6 +637,7 @@ class Session:
         per_device_batch: int | None = None,
         progress: bool | None = None,
         save: str | os.PathLike | None = None,
+        cols: int | None = None,
     ) -> GenerationResult:
         """Images for `prompts` (prompt-major, `images_per_prompt` each); image i uses seed `seed + i`.
 
@@ -487,6 +648,7 @@ class Session:
         compile); the same seed gives the same images whatever the batch.
         `save`: a folder to write the images (PNG with A1111-style parameters) and the grid to; if
         that fails, a SaveFailedWarning says why and the images stay in the result and history.
+        `cols`: the grid's columns, as shown and as saved (default: up to 4).
         The result is added to `history`.
         """
         requests = self.make_requests(
@@ -501,7 +663,11 @@ class Session:
         )
         # Checked before any device work, like everything in make_requests.
         per_device = self._per_device_batch(per_device_batch, self.per_device_batch)
-        result = self.run_requests(requests, per_device_batch=per_device, progress=progress)
+        if cols is not None:
+            cols = _as_int("cols", cols, 1, MAX_COLS, f"e.g. {example('cols', 4)}")
+        if save is not None and not str(save).strip():
+            raise SDMagicError(f"{option('save')} needs a folder name, got an empty one: e.g. {example('save', 'outputs')}")
+        result = self.run_requests(requests, per_device_batch=per_device, progress=progress, cols=cols)
         self.history.add(result)
         if save is not None:
             try:
@@ -517,30 +683,31 @@ class Session:
         from .saving import read_parameters, scheduler_for
 
         params = read_parameters(path)
+        name = printable(Path(path).name, 60)
         model = params.get("model")
         if model is not None and model != self.model.name:
             raise SDMagicError(
-                f"{Path(path).name} was made with model {model!r} but {self.model.name!r} is loaded:"
-                f" run %sd_setup --model {model} first"
+                f"{name} was made with model {printable(model)!r} but {printable(self.model.name)!r} is loaded:"
+                f" {_load_hint(model)} first"
             )
         sampler = params.get("sampler")
         if sampler is not None:
             wanted = scheduler_for(sampler)
             if wanted is None:
-                raise SDMagicError(f"{Path(path).name} was made with sampler {sampler!r}, which sdmagic does not have")
+                raise SDMagicError(f"{name} was made with sampler {printable(sampler)!r}, which sdmagic does not have")
             if wanted != self.model.scheduler_name:
                 raise SDMagicError(
-                    f"{Path(path).name} was made with {sampler} but {self.model.scheduler_name} is loaded:"
-                    f" run %sd_setup --model {self.model.name} --scheduler {wanted} first"
+                    f"{name} was made with {printable(sampler)} but {self.model.scheduler_name} is loaded:"
+                    f" {_load_hint(self.model.name, wanted)} first"
                 )
         if "seed" not in params:
-            raise SDMagicError(f"{Path(path).name} does not say its seed, so its image cannot be made again")
+            raise SDMagicError(f"{name} does not say its seed, so its image cannot be made again")
         settings = {k: params[k] for k in ("seed", "steps", "guidance", "height", "width") if k in params}
         return self.generate([params["prompt"]], negative=params.get("negative"), **settings, **options)
 
     def time_runs(self, runs: int = 3) -> TimingReport:
         """Re-run the last request `runs` times (same seeds) and report steady-state seconds."""
-        runs = _as_int("runs", runs, 1, 1000, "e.g. --runs 5")
+        runs = _as_int("runs", runs, 1, 1000, f"e.g. {example('runs', 5)}")
         if self._last_call is None:
             raise SDMagicError("nothing to time yet: run a %%sd cell (or session.generate) first")
         requests, per_device = self._last_call
@@ -553,8 +720,13 @@ class Session:
         return TimingReport(seconds, sum(len(r.prompts) for r in requests), compiled, shapes)
 
 
-def shorten_for_warning(prompt: str) -> str:
-    return prompt if len(prompt) <= 50 else prompt[:47] + "..."
+def _load_hint(model: str, scheduler: str | None = None) -> str:
+    """How to load `model` (with `scheduler`), said the way the user works: a magic or a call."""
+    shown = printable(model, 120)
+    if in_magic():
+        quoted = shlex.quote(shown)
+        return f"run %sd_setup --model {quoted}" + (f" --scheduler {scheduler}" if scheduler else "")
+    return f"load it with sdmagic.setup({shown!r}" + (f", scheduler={scheduler!r}" if scheduler else "") + ")"
 
 
 def setup(
@@ -581,7 +753,8 @@ def setup(
     the diffusers-layout folder or Hub id its configs and tokenizer come from. `trust_pickle`:
     allow .ckpt/.bin/.pt files, read only through torch.load(weights_only=True).
     `replacing` is a session to free once the new model has loaded on the host: a mistake in the
-    arguments (or a model that cannot be found) leaves it untouched and usable.
+    arguments (or a model that cannot be found) leaves it untouched and usable. The new session
+    keeps its history and timings.
     """
     plan = find_devices(devices)
     dtype = resolve_dtype(dtype, plan.backend)
@@ -590,12 +763,17 @@ def setup(
     if cache:
         directory = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         if directory.exists() and not directory.is_dir():
-            raise SDMagicError(f"cache directory {str(directory)!r} is a file: give a folder, or --no-cache")
+            raise SDMagicError(
+                f"cache directory {printable(str(directory))!r} is a file: give a folder, or {example('cache', False)}"
+            )
     loaded = load_model(
         model, revision=revision, dtype=dtype, scheduler=scheduler, safety_checker=safety_checker,
         config=config, trust_pickle=trust_pickle,
     )
     configure_jax_cache(directory)
+    history = timings = None
     if replacing is not None:
+        history, timings = replacing.history, replacing.timings
         replacing.close()
-    return Session(loaded, plan, per_device_batch=per_device_batch, executable_store=ExecutableStore(directory))
+    return Session(loaded, plan, per_device_batch=per_device_batch, executable_store=ExecutableStore(directory),
+                   history=history, timings=timings)

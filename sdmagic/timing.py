@@ -16,10 +16,15 @@ def _seconds(value: float) -> str:
 
 @dataclass(frozen=True)
 class RunRecord:
+    """One generate call, or a warm-up (a compile with no images), and the model that made it."""
+
     images: int
     compile_seconds: float
     run_seconds: float
     shape: str
+    model: str = ""
+    scheduler: str = ""
+    kind: str = "run"  # "run" or "warm-up"
 
     @property
     def total(self) -> float:
@@ -28,7 +33,7 @@ class RunRecord:
 
 @dataclass
 class TimingLog:
-    """Every completed generate call of a session, in order."""
+    """Every completed generate call (and warm-up) in order; it outlives a new %sd_setup."""
 
     runs: list[RunRecord] = field(default_factory=list)
 
@@ -59,18 +64,29 @@ class TimingSummary:
     def shapes(self) -> int:
         return sum(1 for r in self.runs if r.compile_seconds > 0)
 
+    @property
+    def generate_runs(self) -> list[RunRecord]:
+        return [r for r in self.runs if r.kind == "run"]
+
     def __repr__(self) -> str:
         if not self.runs:
             return "no runs yet"
+        runs = self.generate_runs
+        warmups = len(self.runs) - len(runs)
         per_image = self.run_seconds / max(1, self.images)
-        rate = self.images / self.run_seconds if self.run_seconds else float("inf")
+        rate = self.images / self.run_seconds if self.run_seconds else 0.0
+        warm = f", {warmups} warm-up{'s' if warmups != 1 else ''}" if warmups else ""
         lines = [
-            f"{len(self.runs)} runs, {self.images} images: compile {_seconds(self.compile_seconds)}"
+            f"{len(runs)} run{'s' if len(runs) != 1 else ''}{warm}, {self.images} images:"
+            f" compile {_seconds(self.compile_seconds)}"
             f" ({self.shapes} compiled shape{'s' if self.shapes != 1 else ''}), inference {_seconds(self.run_seconds)}"
             f" = {_seconds(per_image)} per image, {rate:.2f} images/s"
         ]
-        first = self.runs[0]
-        if first.total > 0 and first.compile_seconds / first.total > 0.5:
+        models = list(dict.fromkeys(f"{r.model} ({r.scheduler})" for r in self.runs if r.model))
+        if len(models) > 1:
+            lines.append(f"models: {', '.join(models)} (a new %sd_setup keeps the runs before it)")
+        first = runs[0] if runs else None
+        if first is not None and first.total > 0 and first.compile_seconds / first.total > 0.5:
             lines.append(
                 f"the first run ({_seconds(first.total)}) was mostly compile"
                 f" ({first.compile_seconds / first.total:.0%}); later runs of the same shape compile nothing"

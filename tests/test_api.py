@@ -79,7 +79,7 @@ def test_random_seed_is_drawn_and_reported(session8):
 
 def test_long_prompt_warns_with_what_was_cut(session8):
     prompt = "a very long prompt " * 8  # the tiny tokenizer is one token per character
-    with pytest.warns(PromptTruncatedWarning, match="this part was cut: '.*prompt'"):
+    with pytest.warns(PromptTruncatedWarning, match=r"\d+ tokens cut: '"):
         result = session8.generate([prompt], seed=1, steps=STEPS)
     assert result.warnings and "77 tokens" in result.warnings[0]
     with warnings.catch_warnings():
@@ -112,7 +112,7 @@ def test_timings_separate_compile_and_inference(session8):
         (dict(width=-64), "width must be from 1"),
         (dict(height=66), "height 66 is not a multiple of 4"),
         (dict(width=100_000), "width must be from 1 to 4096"),
-        (dict(images_per_prompt=0), "images per prompt must be from 1"),
+        (dict(images_per_prompt=0), "images_per_prompt must be from 1"),
     ],
 )
 def test_bad_requests_raise_one_clear_line_and_change_nothing(session8, kwargs, message):
