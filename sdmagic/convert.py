@@ -9,19 +9,26 @@ Two layouts are read:
 
 The conversion is driven by the target: the Flax model's own parameter shapes (from
 `jax.eval_shape`, so nothing is initialised), so a missing, extra or misshapen weight is an error
-that names it. `flax_to_pytorch` and `diffusers_to_ldm` are the inverses (the tests write tiny
-models in each layout with them).
+that names it. A .safetensors file is checked from its header alone (`SafetensorsFile`: keys,
+shapes, dtypes) before any tensor is read, then read one tensor at a time: a file that does not fit
+costs no memory, and one that fits never holds two copies. `flax_to_pytorch` and
+`diffusers_to_ldm` are the inverses (the tests write tiny models in each layout with them).
 """
 
 from __future__ import annotations
 
+import math
 import re
+import struct
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import ml_dtypes
 import numpy as np
 
 from .errors import ModelLoadError
+from .text import printable
 
 # diffusers' PyTorch attention names -> its Flax names (the Flax VAE kept the old ones).
 _ATTENTION = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out_0": "proj_attn"}
@@ -30,25 +37,105 @@ _DIGITS = re.compile(r"(\w+)\.(\d+)(?=\.|$)")
 
 # ---------------------------------------------------------------------------------------------- files
 
+# safetensors dtype names -> numpy. Weights must be floats; the integer ones appear in real files
+# only as buffers that are never read (position_ids, EMA step counters).
+SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+# A real SD checkpoint's header is a few hundred kB (about a thousand keys); the format allows 100 MB.
+MAX_HEADER_BYTES = 16 * 2**20
 
-def read_safetensors(path: str | Path, cast: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """All tensors of a .safetensors file as numpy arrays (bf16 via ml_dtypes), each passed through
-    `cast` as it is read, so a dtype change never holds two copies of the whole file."""
-    from safetensors import safe_open
 
-    out = {}
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            for key in f.keys():
-                tensor = f.get_tensor(key)
-                out[key] = cast(tensor) if cast else tensor
-    except (OSError, ValueError) as err:  # safetensors raises SafetensorError (an OSError/ValueError)
-        raise ModelLoadError(f"could not read {str(path)!r} as safetensors: {err}") from None
-    except Exception as err:
-        if type(err).__name__ == "SafetensorError":
-            raise ModelLoadError(f"could not read {str(path)!r} as safetensors: {err}") from None
-        raise
-    return out
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor still in its file: its key, shape and dtype name. `part`/`parts`: this is the
+    part-th of `parts` equal row blocks of the stored tensor (OpenCLIP's fused q/k/v)."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    part: int = 0
+    parts: int = 1
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def split_rows(value: Any, parts: int) -> list:
+    """`value` (an array or a TensorRef) cut into `parts` equal blocks of rows."""
+    rows = value.shape[0] if value.shape else 0
+    if rows % parts:
+        raise ModelLoadError(f"a fused weight has {rows} rows, which does not split into {parts} equal parts")
+    if isinstance(value, TensorRef):
+        if value.parts != 1:
+            raise ModelLoadError(f"weight {printable(value.key)!r} cannot be split twice")
+        shape = (rows // parts,) + tuple(value.shape[1:])
+        return [replace(value, shape=shape, part=i, parts=parts) for i in range(parts)]
+    return np.split(value, parts, axis=0)
+
+
+class SafetensorsFile:
+    """A .safetensors file opened for reading one tensor at a time; `refs` describes every tensor
+    from the header alone. Use as a context manager."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        self.name = printable(self.path.name)
+        self._check_header_size()
+        try:
+            self._file = safe_open(str(self.path), framework="numpy")
+            refs = {}
+            for key in self._file.keys():
+                view = self._file.get_slice(key)
+                refs[key] = TensorRef(key, tuple(int(n) for n in view.get_shape()), str(view.get_dtype()))
+        except Exception as err:  # noqa: BLE001 - safetensors' SafetensorError has no stable import path
+            raise ModelLoadError(f"could not read {self.name} as safetensors: {printable(err)}") from None
+        for ref in refs.values():
+            if ref.dtype not in SAFETENSORS_DTYPES:
+                raise ModelLoadError(
+                    f"{self.name}: tensor {printable(ref.key)!r} has dtype {printable(ref.dtype)}, which sdmagic"
+                    " does not read (weights must be float32, float16 or bfloat16)"
+                )
+        self.refs: dict[str, TensorRef] = refs
+
+    def _check_header_size(self) -> None:
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+        except OSError as err:
+            raise ModelLoadError(f"could not read {self.name}: {printable(err)}") from None
+        if len(head) < 8:
+            raise ModelLoadError(f"{self.name} is not a safetensors file (it is {size} bytes long)")
+        (length,) = struct.unpack("<Q", head)
+        if length > MAX_HEADER_BYTES or length > size - 8:
+            raise ModelLoadError(
+                f"{self.name} is not a usable safetensors file: its header claims {length} bytes"
+                f" (the file has {size}; real checkpoints need well under {MAX_HEADER_BYTES // 2**20} MiB)"
+            )
+
+    def read(self, ref: TensorRef) -> np.ndarray:
+        try:
+            if ref.parts == 1:
+                return self._file.get_tensor(ref.key)
+            rows = ref.shape[0]
+            return self._file.get_slice(ref.key)[ref.part * rows : (ref.part + 1) * rows]
+        except Exception as err:  # noqa: BLE001
+            raise ModelLoadError(f"could not read tensor {printable(ref.key)!r} from {self.name}: {printable(err)}") from None
+
+    def close(self) -> None:
+        self._file = None
+
+    def __enter__(self) -> "SafetensorsFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # ---------------------------------------------------------------------------------------------- PyTorch <-> Flax
@@ -80,60 +167,103 @@ def _path(pt_key: str, diffusers_names: bool) -> tuple[str, ...]:
     return tuple(pt_key.split("."))
 
 
-def _to_flax(path: tuple, tensor: np.ndarray, target: dict[tuple, Any]) -> tuple[tuple, np.ndarray] | None:
-    """Where a PyTorch tensor goes in the Flax tree, and in what layout; None if nowhere."""
+# How a PyTorch tensor becomes its Flax leaf: the resulting shape (None where the layout cannot
+# apply), and the array operation. Shapes first, so a plan is checked before anything is read.
+_LAYOUTS: dict[str, tuple[Callable[[tuple], tuple | None], Callable[[np.ndarray], np.ndarray]]] = {
+    "same": (lambda s: s, lambda x: x),
+    # attention projections: (out, in) or the original VAE's 1x1 convs (out, in, 1, 1) -> (in, out)
+    "attention": (
+        lambda s: (s[1], s[0]) if len(s) >= 2 and math.prod(s[2:]) == 1 else None,
+        lambda x: x.reshape(x.shape[:2]).T,
+    ),
+    "conv": (lambda s: (s[2], s[3], s[1], s[0]), lambda x: x.transpose(2, 3, 1, 0)),  # (out, in, h, w) -> (h, w, in, out)
+    "linear": (
+        lambda s: (math.prod(s[1:]), s[0]) if len(s) >= 1 else None,
+        lambda x: x.reshape(x.shape[0], -1).T,
+    ),
+}
+
+
+def _to_flax(path: tuple, shape: tuple, target: dict[tuple, Any]) -> tuple[tuple, str] | None:
+    """Where a PyTorch tensor of `shape` goes in the Flax tree, and in which layout; None if nowhere."""
     if path in target:
-        return path, tensor
+        return path, "same"
     *parent, leaf = path
     parent = tuple(parent)
     if leaf in ("weight", "gamma"):
         if parent + ("scale",) in target:
-            return parent + ("scale",), tensor
+            return parent + ("scale",), "same"
         if parent + ("embedding",) in target:
-            return parent + ("embedding",), tensor
+            return parent + ("embedding",), "same"
     if parent and parent[-1] in _ATTENTION:
         renamed = parent[:-1] + (_ATTENTION[parent[-1]],)
         if leaf == "weight" and renamed + ("kernel",) in target:
-            return renamed + ("kernel",), tensor.reshape(tensor.shape[:2]).T
+            return renamed + ("kernel",), "attention"
         if leaf == "bias" and renamed + ("bias",) in target:
-            return renamed + ("bias",), tensor
+            return renamed + ("bias",), "same"
     if leaf == "weight" and parent + ("kernel",) in target:
-        if tensor.ndim == 4:  # conv: (out, in, h, w) -> (h, w, in, out)
-            return parent + ("kernel",), tensor.transpose(2, 3, 1, 0)
-        return parent + ("kernel",), tensor.reshape(tensor.shape[0], -1).T
+        return parent + ("kernel",), "conv" if len(shape) == 4 else "linear"
     if leaf == "beta" and parent + ("bias",) in target:
-        return parent + ("bias",), tensor
+        return parent + ("bias",), "same"
     return None
 
 
-def pytorch_to_flax(
-    state: dict[str, np.ndarray],
+def _is_float(value: Any) -> bool:
+    if isinstance(value, TensorRef):
+        return value.dtype in FLOAT_DTYPES
+    dtype = np.asarray(value).dtype if not hasattr(value, "dtype") else value.dtype
+    return np.issubdtype(dtype, np.floating) or dtype == ml_dtypes.bfloat16
+
+
+@dataclass
+class ConversionPlan:
+    """Which stored tensor fills which Flax leaf, and how: checked against the target, nothing read."""
+
+    what: str
+    steps: list[tuple[Any, tuple, str]]  # (array or TensorRef, Flax path, layout name)
+
+
+def plan_pytorch_to_flax(
+    state: dict[str, Any],
     target_shapes: Any,
     *,
     diffusers_names: bool,
     what: str,
     ignore: Callable[[str], bool] = lambda key: False,
-) -> dict:
-    """A Flax parameter tree for a model whose parameter shapes are `target_shapes` (a pytree of
-    ShapeDtypeStruct), from its PyTorch state dict. Raises ModelLoadError naming what is wrong."""
+) -> ConversionPlan:
+    """Match a PyTorch state dict (arrays, or TensorRefs from a file's header) against a Flax
+    model's parameter shapes (a pytree of ShapeDtypeStruct). Raises ModelLoadError naming the first
+    missing, extra, misshapen or non-float weight; reads nothing."""
     target = _flat(target_shapes)
-    flat: dict[tuple, np.ndarray] = {}
+    steps: list[tuple[Any, tuple, str]] = []
+    filled: dict[tuple, str] = {}
     unexpected = []
-    for key in list(state):
-        tensor = state.pop(key)  # dropped as converted: no second copy of the whole model
-        placed = _to_flax(_path(key, diffusers_names), tensor, target)
+    for key, value in state.items():
+        shape = tuple(int(n) for n in value.shape)
+        placed = _to_flax(_path(key, diffusers_names), shape, target)
         if placed is None:
             if not ignore(key):
                 unexpected.append(key)
             continue
-        path, value = placed
-        if tuple(value.shape) != tuple(target[path].shape):
+        path, layout = placed
+        want = tuple(target[path].shape)
+        got = _LAYOUTS[layout][0](shape)
+        if got != want:
             raise ModelLoadError(
-                f"{what}: weight {key!r} has shape {tuple(tensor.shape)}, but this architecture needs"
-                f" {tuple(target[path].shape)}: the config does not match the weights (try --config)"
+                f"{what}: weight {printable(key)!r} has shape {shape}, but this architecture needs"
+                f" {want}: the config does not match the weights (try --config)"
             )
-        flat[path] = np.ascontiguousarray(value)
-    missing = [".".join(map(str, p)) for p in target if p not in flat]
+        if not _is_float(value):
+            dtype = value.dtype if isinstance(value, TensorRef) else str(np.asarray(value).dtype)
+            raise ModelLoadError(f"{what}: weight {printable(key)!r} is stored as {printable(dtype)}, not as floats")
+        if path in filled:
+            raise ModelLoadError(
+                f"{what}: weights {printable(filled[path])!r} and {printable(key)!r} both fill"
+                f" {'.'.join(map(str, path))!r}: the file is not this architecture"
+            )
+        filled[path] = key
+        steps.append((value, path, layout))
+    missing = [".".join(map(str, p)) for p in target if p not in filled]
     if missing:
         raise ModelLoadError(
             f"{what}: {len(missing)} weights missing, e.g. {missing[0]!r}: the file is not this architecture"
@@ -141,10 +271,77 @@ def pytorch_to_flax(
         )
     if unexpected:
         raise ModelLoadError(
-            f"{what}: {len(unexpected)} weights this architecture does not have, e.g. {unexpected[0]!r}"
+            f"{what}: {len(unexpected)} weights this architecture does not have, e.g. {printable(unexpected[0])!r}"
             " (try --config)"
         )
+    return ConversionPlan(what, steps)
+
+
+def run_plan(
+    plan: ConversionPlan,
+    read: Callable[[TensorRef], np.ndarray] | None = None,
+    cast: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> dict:
+    """The Flax tree of a checked plan: each tensor read (if a TensorRef), cast, laid out and kept,
+    one at a time, so the peak is the result plus one tensor."""
+    flat: dict[tuple, np.ndarray] = {}
+    steps, plan.steps = plan.steps[::-1], []  # dropped as converted: no second copy of the whole model
+    while steps:
+        value, path, layout = steps.pop()
+        if isinstance(value, TensorRef):
+            if read is None:
+                raise ValueError("a plan over a file's tensors needs `read`")
+            value = read(value)
+        if cast is not None:
+            value = cast(value)
+        flat[path] = np.ascontiguousarray(_LAYOUTS[layout][1](np.asarray(value)))
+        del value
     return _nest(flat)
+
+
+def pytorch_to_flax(
+    state: dict[str, Any],
+    target_shapes: Any,
+    *,
+    diffusers_names: bool,
+    what: str,
+    ignore: Callable[[str], bool] = lambda key: False,
+    read: Callable[[TensorRef], np.ndarray] | None = None,
+    cast: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> dict:
+    """A Flax parameter tree for a model whose parameter shapes are `target_shapes`, from its
+    PyTorch state dict (arrays, or TensorRefs read through `read`). Everything is checked before
+    anything is read; raises ModelLoadError naming what is wrong."""
+    plan = plan_pytorch_to_flax(state, target_shapes, diffusers_names=diffusers_names, what=what, ignore=ignore)
+    state.clear()  # the plan holds what is needed; the caller's dict no longer keeps a copy alive
+    return run_plan(plan, read, cast)
+
+
+def check_flax_tree(params: Any, target_shapes: Any, what: str) -> None:
+    """A Flax parameter tree (e.g. from a msgpack file) must have exactly the target's leaves,
+    shapes and floating dtypes. Raises ModelLoadError naming the first difference."""
+    if not isinstance(params, dict):
+        raise ModelLoadError(f"{what} does not hold a parameter tree")
+    got, want = _flat(params), _flat(target_shapes)
+    missing = [".".join(map(str, p)) for p in want if p not in got]
+    if missing:
+        raise ModelLoadError(
+            f"{what}: {len(missing)} weights missing, e.g. {printable(missing[0])!r}: the file is not this"
+            " architecture or is incomplete"
+        )
+    extra = [".".join(map(str, p)) for p in got if p not in want]
+    if extra:
+        raise ModelLoadError(f"{what}: {len(extra)} weights this architecture does not have, e.g. {printable(extra[0])!r}")
+    for path, value in got.items():
+        name = ".".join(map(str, path))
+        if not isinstance(value, np.ndarray) or not _is_float(value):
+            kind = str(value.dtype) if isinstance(value, np.ndarray) else type(value).__name__
+            raise ModelLoadError(f"{what}: weight {printable(name)!r} is {printable(kind)}, not an array of floats")
+        if tuple(value.shape) != tuple(want[path].shape):
+            raise ModelLoadError(
+                f"{what}: weight {printable(name)!r} has shape {tuple(value.shape)}, but this architecture needs"
+                f" {tuple(want[path].shape)}: the config does not match the weights"
+            )
 
 
 def flax_to_pytorch(params: Any, *, diffusers_names: bool) -> dict[str, np.ndarray]:
@@ -172,7 +369,8 @@ def flax_to_pytorch(params: Any, *, diffusers_names: bool) -> dict[str, np.ndarr
 
 
 def detect_family(keys) -> str:
-    """'sd2' (OpenCLIP text encoder) or 'sd1' (CLIP), from an original-layout checkpoint's keys."""
+    """'sd2' (OpenCLIP text encoder) or 'sd1' (CLIP), from an original-layout checkpoint's keys
+    (a file's header is enough: a dict of key -> TensorRef iterates over its keys)."""
     keys = list(keys)
     if not any(k.startswith("model.diffusion_model.") for k in keys):
         raise ModelLoadError(
@@ -272,12 +470,14 @@ def _rename_parts(key: str, pairs: list[tuple[str, str]], forward: bool, after: 
     return key
 
 
-def ldm_to_diffusers(checkpoint: dict[str, np.ndarray], unet_config: dict, vae_config: dict, family: str,
+def ldm_to_diffusers(checkpoint: dict[str, Any], unet_config: dict, vae_config: dict, family: str,
                      text_layers: int | None = None) -> tuple[dict, dict, dict]:
     """Split an original-layout checkpoint into diffusers' PyTorch-layout (unet, vae, text encoder) dicts.
 
     `text_layers`: for SD 2.x, how many OpenCLIP blocks the text encoder uses (diffusers' config
     keeps 23 of 24: SD 2 reads the penultimate layer); later blocks are dropped.
+    Values are moved, not read: arrays, or TensorRefs from a file's header (OpenCLIP's fused q/k/v
+    become three TensorRefs of row blocks), so a whole checkpoint is renamed and checked first.
     """
     unet, vae, text = {}, {}, {}
     unet_pairs, vae_pairs = _unet_pairs(unet_config), _vae_pairs(vae_config)
@@ -304,21 +504,25 @@ _OPEN_CLIP = [("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."), ("mlp.c_fc."
               ("mlp.c_proj.", "mlp.fc2."), ("attn.out_proj.", "self_attn.out_proj.")]
 
 
-def _open_clip_to_clip(key: str, tensor: np.ndarray, text: dict, layers: int | None) -> None:
+_RESBLOCK = re.compile(r"transformer\.resblocks\.(\d{1,4})\.(.+)")
+
+
+def _open_clip_to_clip(key: str, tensor: Any, text: dict, layers: int | None) -> None:
+    block = _RESBLOCK.fullmatch(key)
     if key == "token_embedding.weight":
         text["text_model.embeddings.token_embedding.weight"] = tensor
     elif key == "positional_embedding":
         text["text_model.embeddings.position_embedding.weight"] = tensor
     elif key.startswith("ln_final."):
         text["text_model.final_layer_norm." + key[len("ln_final."):]] = tensor
-    elif key.startswith("transformer.resblocks."):
-        index, rest = key[len("transformer.resblocks."):].split(".", 1)
+    elif block:
+        index, rest = block.groups()
         if layers is not None and int(index) >= layers:
             return
-        prefix = f"text_model.encoder.layers.{index}."
-        if rest.startswith("attn.in_proj_"):
+        prefix = f"text_model.encoder.layers.{int(index)}."
+        if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
             kind = rest[len("attn.in_proj_"):]
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), np.split(tensor, 3, axis=0)):
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), split_rows(tensor, 3)):
                 text[f"{prefix}self_attn.{name}.{kind}"] = part
             return
         for original, clip in _OPEN_CLIP:
@@ -326,6 +530,8 @@ def _open_clip_to_clip(key: str, tensor: np.ndarray, text: dict, layers: int | N
                 text[prefix + clip + rest[len(original):]] = tensor
                 return
         text[prefix + rest] = tensor
+    elif key not in ("text_projection", "logit_scale"):
+        text["cond_stage_model.model." + key] = tensor  # not a CLIP weight: reported as unexpected
     # text_projection and logit_scale belong to OpenCLIP's contrastive head, which SD does not use
 
 
