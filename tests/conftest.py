@@ -11,7 +11,7 @@ import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The tiny model is built once (about 30 s) into the repo's ignored pytest cache and reused.
+# The tiny model is built once (well under a second) into the repo's ignored pytest cache and reused.
 os.environ.setdefault(
     "SDMAGIC_HOME", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "sdmagic-home")
 )
