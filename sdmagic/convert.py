@@ -27,7 +27,7 @@ from typing import Any, Callable
 import ml_dtypes
 import numpy as np
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, option
 from .text import printable
 
 # diffusers' PyTorch attention names -> its Flax names (the Flax VAE kept the old ones).
@@ -251,7 +251,7 @@ def plan_pytorch_to_flax(
         if got != want:
             raise ModelLoadError(
                 f"{what}: weight {printable(key)!r} has shape {shape}, but this architecture needs"
-                f" {want}: the config does not match the weights (try --config)"
+                f" {want}: the config does not match the weights (try {option('config')})"
             )
         if not _is_float(value):
             dtype = value.dtype if isinstance(value, TensorRef) else str(np.asarray(value).dtype)
@@ -267,12 +267,12 @@ def plan_pytorch_to_flax(
     if missing:
         raise ModelLoadError(
             f"{what}: {len(missing)} weights missing, e.g. {missing[0]!r}: the file is not this architecture"
-            " or is incomplete (try --config)"
+            f" or is incomplete (try {option('config')})"
         )
     if unexpected:
         raise ModelLoadError(
             f"{what}: {len(unexpected)} weights this architecture does not have, e.g. {printable(unexpected[0])!r}"
-            " (try --config)"
+            f" (try {option('config')})"
         )
     return ConversionPlan(what, steps)
 

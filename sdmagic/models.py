@@ -46,7 +46,7 @@ from .convert import (
     plan_pytorch_to_flax,
     run_plan,
 )
-from .errors import ModelLoadError, SDMagicError, option
+from .errors import ModelLoadError, SDMagicError, example, option
 from .quiet import silence_upstream_noise
 from .schedulers import LMSScheduler
 from .text import printable
@@ -422,7 +422,7 @@ def _model_index(folder: Path) -> dict:
     index_file = folder / "model_index.json"
     if not index_file.exists():
         raise ModelLoadError(
-            f"model folder {printable(str(folder))!r} has no model_index.json: point --model at a diffusers-layout"
+            f"model folder {printable(str(folder))!r} has no model_index.json: point {option('model')} at a diffusers-layout"
             " folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
         )
     return check_model_index(_read_json(index_file, f"{printable(str(folder))}/model_index.json"), "model_index.json")
@@ -517,7 +517,7 @@ def refuse_pickle(path: Path) -> ModelLoadError:
     return ModelLoadError(
         f"{printable(path.name)} is a pickle file ({printable(path.suffix)}): loading a pickle can run any code inside"
         " it, so sdmagic does not. Use the model's .safetensors version (most models publish one) or convert"
-        " this file to safetensors; if you trust it, --trust-pickle loads it through torch.load(weights_only=True),"
+        f" this file to safetensors; if you trust it, {example('trust_pickle', True)} loads it through torch.load(weights_only=True),"
         " which refuses code"
     )
 
@@ -529,7 +529,7 @@ def _torch_load(path: Path) -> dict[str, np.ndarray]:
         import torch
     except ImportError:
         raise ModelLoadError(
-            f"--trust-pickle reads {name} only through torch.load(weights_only=True), and torch is not"
+            f"{example('trust_pickle', True)} reads {name} only through torch.load(weights_only=True), and torch is not"
             " installed: pip install torch (the CPU build is enough), or convert the file to safetensors"
         ) from None
     try:
@@ -559,7 +559,7 @@ def _hub_error(model: str, revision: str | None, err: Exception) -> ModelLoadErr
     name = printable(model)
     rev = f" (revision {printable(revision)!r})" if revision else ""
     offline = (
-        "connect to the internet, use a local folder, or --model tiny offline"
+        f"connect to the internet, use a local folder, or {example('model', 'tiny')} offline"
     )
     # huggingface_hub reports a failed request for a file as "not in the local cache"
     # (LocalEntryNotFoundError) with the HTTP or connection error as its cause.
@@ -575,19 +575,19 @@ def _hub_error(model: str, revision: str | None, err: Exception) -> ModelLoadErr
     if isinstance(cause, hub_errors.RevisionNotFoundError):
         return ModelLoadError(
             f"{name!r} has no revision {printable(revision)!r} on the Hub: check the branch, tag or commit name,"
-            " or leave --revision out for the repo's default branch"
+            f" or leave {option('revision')} out for the repo's default branch"
         )
     # LocalEntryNotFoundError is an EntryNotFoundError too, but says nothing about the repo.
     if isinstance(cause, hub_errors.EntryNotFoundError) and not isinstance(cause, hub_errors.LocalEntryNotFoundError):
         if revision:
-            hint = "check --revision, or leave it out for the repo's default branch"
+            hint = f"check {option('revision')}, or leave it out for the repo's default branch"
         else:
             hint = "is it a diffusers pipeline repo? For a single checkpoint file, download it and give its path"
         return ModelLoadError(f"{name!r}{rev} has no model_index.json or lacks a file sdmagic needs: {hint}")
     if isinstance(cause, hub_errors.RepositoryNotFoundError) or status == 404:
         return ModelLoadError(
             f"{name!r} was not found on the Hub{rev}: check the id, log in if it is private"
-            " (`huggingface-cli login`), use a local folder, or --model tiny offline"
+            f" (`huggingface-cli login`), use a local folder, or {example('model', 'tiny')} offline"
         )
     if status == 401:
         return ModelLoadError(
@@ -714,9 +714,9 @@ def _fetch_from_hub(model: str, revision: str | None) -> Path:
 def resolve_model_folder(model: str, revision: str | None, dtype: str) -> Path:
     """The local folder holding `model`: built (tiny), given (folder) or downloaded (Hub id)."""
     if not isinstance(model, str) or not model.strip():
-        raise SDMagicError("--model needs a Hub id, a local folder or 'tiny'")
+        raise SDMagicError(f"{option('model')} needs a Hub id, a local folder or 'tiny'")
     if revision is not None and not isinstance(revision, str):
-        raise SDMagicError("--revision needs a branch, tag or commit name")
+        raise SDMagicError(f"{option('revision')} needs a branch, tag or commit name")
     if model == TINY:
         if revision is not None:
             raise SDMagicError(f"{option('revision')} is for Hub ids: the built-in 'tiny' model has no revisions; leave it out")
@@ -736,7 +736,7 @@ def resolve_model_folder(model: str, revision: str | None, dtype: str) -> Path:
             )
         return path
     if _looks_like_path(model):
-        raise ModelLoadError(f"model folder {printable(model)!r} does not exist: check the path, or use --model tiny")
+        raise ModelLoadError(f"model folder {printable(model)!r} does not exist: check the path, or use {example('model', 'tiny')}")
     if revision is None and model == DEFAULT_MODEL:
         # The original notebook's choice: the Flax weights live on these branches of SD 1.4.
         revision = "bf16" if dtype == "bfloat16" else "flax"
@@ -1243,7 +1243,7 @@ _FAMILY_CONFIGS = {"sd1": "CompVis/stable-diffusion-v1-4", "sd2": "stabilityai/s
 def _config_folder(config: str | None, family: str, revision: str | None) -> Path:
     name = config or _FAMILY_CONFIGS[family]
     if not isinstance(name, str) or not name.strip():
-        raise SDMagicError("--config needs a diffusers-layout folder or a Hub id")
+        raise SDMagicError(f"{option('config')} needs a diffusers-layout folder or a Hub id")
     path = Path(name).expanduser()
     if path.is_dir():
         _model_index(path)
@@ -1352,7 +1352,7 @@ def _load(model, revision, dtype, scheduler, safety_checker, config, trust_pickl
         pipeline, weights, own = _load_single_file(single, config, dtype, revision, trust_pickle)
         return _loaded(model, str(single), pipeline, weights, scheduler or _own_scheduler(own), dtype, start)
     if config is not None:
-        raise SDMagicError("--config is for single-file checkpoints; a model folder has its own configs")
+        raise SDMagicError(f"{option('config')} is for single-file checkpoints; a model folder has its own configs")
     folder = resolve_model_folder(model, revision, dtype)
     label = printable(model) if model != TINY else "tiny"
     pipeline, weights, own, checker = _load_folder(folder, label, dtype, safety_checker, trust_pickle)

@@ -265,7 +265,7 @@ def test_unknown_hub_id_offline_fails_fast_with_what_to_do(monkeypatch, tmp_path
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     start = time.perf_counter()
-    with pytest.raises(SDMagicError, match="could not reach the Hugging Face Hub .* --model tiny offline"):
+    with pytest.raises(SDMagicError, match="could not reach the Hugging Face Hub .* model='tiny' offline"):
         sdmagic.setup("nobody/no-such-model")
     assert time.perf_counter() - start < 10
 
@@ -320,7 +320,7 @@ def test_hub_id_loads_from_a_cached_snapshot_offline(monkeypatch, tmp_path, tiny
     "error, message",
     [
         ("GatedRepoError", "is gated: accept its licence .* log in"),
-        ("RepositoryNotFoundError", "was not found on the Hub.*log in if it is private.*--model tiny"),
+        ("RepositoryNotFoundError", "was not found on the Hub.*log in if it is private.*model='tiny'"),
         ("RevisionNotFoundError", "has no revision 'nope'"),
         ("LocalEntryNotFoundError", "could not reach the Hugging Face Hub"),
     ],

@@ -422,7 +422,7 @@ class FakeHub:
         (403, {"X-Error-Code": "GatedRepo"}, None, r"is gated: accept its licence"),
         (404, {"X-Error-Code": "RepoNotFound"}, "main", r"was not found on the Hub"),
         (404, {"X-Error-Code": "RevisionNotFound"}, "flax", r"has no revision 'flax'"),
-        (404, {"X-Error-Code": "EntryNotFound"}, "flax", r"has no model_index.json.*check --revision"),
+        (404, {"X-Error-Code": "EntryNotFound"}, "flax", r"has no model_index.json.*check revision"),
         (500, {}, None, r"Hub failed \(HTTP 500\).*try again later"),
         (503, {}, "bf16", r"Hub failed \(HTTP 503\).*try again later"),
         (None, {}, None, r"could not reach the Hugging Face Hub"),
