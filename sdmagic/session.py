@@ -506,14 +506,15 @@ class Session:
         """Run the first call of an executable loaded from disk and wait for it; if it fails, replace
         the executable by a fresh compile and run again. Returns the results and compile seconds."""
         try:
-            return self._finish(call, self._start(call)), 0.0
+            results = self._finish(call, self._start(call))
         except SDMagicError:
             raise
         except Exception as err:  # noqa: BLE001 - whatever a broken file does, a fresh compile fixes it
             _, seconds = self._replace_broken(call.key, err)
             return self._finish(call, self._start(call)), seconds
-        finally:
-            self._unverified.discard(call.key)
+        # Seen to run. (A Ctrl-C during the check leaves it unchecked, for the next cell to check.)
+        self._unverified.discard(call.key)
+        return results, 0.0
 
     def _on_step(self, step) -> None:
         """Called from inside the compiled loop after each denoising step."""
