@@ -77,15 +77,21 @@ def _warn_once(about: Path | str, message: str) -> None:
     warnings.warn(message.replace("\r", "\\r").replace("\n", "\\n"), CompileCacheWarning, stacklevel=3)
 
 
+def sdmagic_home() -> Path:
+    """Where sdmagic keeps what it makes (the tiny model, compiled code): `$SDMAGIC_HOME`, else
+    `sdmagic/` in the user's cache folder (`$XDG_CACHE_HOME` or ~/.cache)."""
+    root = os.environ.get("SDMAGIC_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sdmagic"
+    )
+    return Path(root)
+
+
 def default_cache_dir() -> Path:
     """`$SDMAGIC_CACHE_DIR`, else `compiled/` in sdmagic's home (`$SDMAGIC_HOME` or ~/.cache/sdmagic)."""
     configured = os.environ.get("SDMAGIC_CACHE_DIR")
     if configured:
         return Path(configured).expanduser()
-    home = os.environ.get("SDMAGIC_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sdmagic"
-    )
-    return Path(home) / "compiled"
+    return sdmagic_home() / "compiled"
 
 
 def configure_jax_cache(directory: Path | None) -> str | None:

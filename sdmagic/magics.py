@@ -293,8 +293,6 @@ class SDMagics(Magics):
                 # A view of the run with other columns; the run in the history stays as it was.
                 result = replace(result, display_cols=_whole(args.cols, "--cols"))
             if args.save is not None:
-                if not args.save.strip():
-                    raise SDMagicError("--save needs a folder name, got an empty one: e.g. --save outputs")
                 result.save(args.save)
         return result
 

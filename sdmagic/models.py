@@ -26,11 +26,9 @@ import inspect
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-from .errors import SDMagicError
+from .errors import SDMagicError, example, option
 from .text import printable
 
 # sdmagic's scheduler names and A1111's sampler names for the same methods.
@@ -412,6 +412,13 @@ def _grid_pnginfo(count: int) -> PngImagePlugin.PngInfo:
     return pnginfo
 
 
+def save_folder(directory: str | Path) -> Path:
+    """The folder a save writes to; an empty name (which would mean the current folder) is refused."""
+    if not str(directory).strip():
+        raise SDMagicError(f"{option('save')} needs a folder name, got an empty one: e.g. {example('save', 'outputs')}")
+    return Path(directory).expanduser()
+
+
 def save_result(result: Any, directory: str | Path) -> list[Path]:
     """Write each image of `result` (PNG + parameters) and its full-size grid into `directory`.
 
@@ -421,7 +428,7 @@ def save_result(result: Any, directory: str | Path) -> list[Path]:
     """
     if not result.images_in_memory:
         raise SDMagicError(f"the images of run {result.number} are no longer in memory: nothing to save")
-    directory = Path(directory).expanduser()
+    directory = save_folder(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         counter = _next_counter(directory)

@@ -29,6 +29,7 @@ from .errors import SDMagicError, example, in_magic, option
 from .models import LoadedModel, load_model, resolve_dtype
 from .output import GenerationResult, ImageInfo, to_pil
 from .prompts import Prompt
+from .saving import save_folder
 from .history import History
 from .text import printable
 from .timing import RunRecord, TimingLog, TimingReport
@@ -209,8 +210,7 @@ class Session:
         # A replicated array reports its logical size: the bytes each device holds.
         param_mb = sum(x.nbytes for x in jax.tree_util.tree_leaves(self.params)) / 1e6
         # "none shipped" (the model has no checker) reads differently from "off" (you turned it off).
-        state = getattr(self.model, "safety_checker_state", None) or ("on" if self.safety_checker else "off")
-        checker = f"safety checker: {state}"
+        checker = f"safety checker: {self.model.safety_checker_state}"
         per_call = f"{self.per_device_batch} image{'s' if self.per_device_batch != 1 else ''} per device per call"
         return (
             f"sdmagic: {self.plan.describe()}, {per_call} | model {printable(self.model.name, 160)} ({self.model.scheduler_name},"
@@ -666,8 +666,8 @@ class Session:
         per_device = self._per_device_batch(per_device_batch, self.per_device_batch)
         if cols is not None:
             cols = _as_int("cols", cols, 1, MAX_COLS, f"e.g. {example('cols', 4)}")
-        if save is not None and not str(save).strip():
-            raise SDMagicError(f"{option('save')} needs a folder name, got an empty one: e.g. {example('save', 'outputs')}")
+        if save is not None:
+            save_folder(save)
         result = self.run_requests(requests, per_device_batch=per_device, progress=progress, cols=cols)
         self.history.add(result)
         if save is not None:

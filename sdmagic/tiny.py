@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SDMagicError
+from .compile_cache import sdmagic_home
 from .models import (
     DTYPES,
     CLIPConfig,
@@ -47,6 +47,7 @@ from .models import (
     _loaded,
     _make_scheduler,
     check_scheduler_name,
+    resolve_dtype,
 )
 
 # Part of the cache folder's name: bump it whenever the bytes written change, so that an old cache
@@ -118,16 +119,9 @@ _TINY_VISION = dict(
 # ----------------------------------------------------------------------------------------------
 
 
-def _tiny_cache_root() -> Path:
-    root = os.environ.get("SDMAGIC_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sdmagic"
-    )
-    return Path(root)
-
-
 def ensure_tiny_model(root: Path | None = None) -> Path:
     """The tiny model's folder, written on first use (well under a second, no network)."""
-    target = (root or _tiny_cache_root()) / f"tiny-v{TINY_VERSION}"
+    target = (root or sdmagic_home()) / f"tiny-v{TINY_VERSION}"
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -495,12 +489,6 @@ def _in_memory_pipeline(parts: _Parts, dtype: Any) -> Any:
     )
 
 
-def _random_pipeline(arch: str, seed: int, tokenizer_dir: Path, dtype: Any = np.float32):
-    """Modules of architecture `arch` with random float32 parameters: (pipeline, params, text_config)."""
-    parts = _parts(arch, tokenizer_dir, dtype)
-    return _in_memory_pipeline(parts, dtype), _weights(parts, seed), parts.text_config
-
-
 def random_model(
     arch: str = "sd1", *, dtype: str = "float32", scheduler: str | None = None, seed: int = 0
 ) -> LoadedModel:
@@ -509,8 +497,7 @@ def random_model(
     No safety checker; the parameters are host arrays in `dtype`, as `load_model` gives them.
     """
     check_scheduler_name(scheduler)
-    if dtype not in DTYPES:
-        raise SDMagicError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    dtype = resolve_dtype(dtype, "cpu")
     start = time.perf_counter()
     with announce_if_slow(f"sdmagic: building a random {arch} model in memory ({dtype})..."):
         with tempfile.TemporaryDirectory() as tokenizer_dir:

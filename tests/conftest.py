@@ -52,6 +52,22 @@ def session1(tiny_dir):
     session.close()
 
 
+@pytest.fixture(scope="module")
+def tiny_shell(tiny_dir):
+    """A real IPython shell with sdmagic loaded and `tiny` set up, defaulting to STEPS steps: what a
+    user has after the first two cells. One per test module (the shell itself is a singleton)."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "sdmagic")
+    with capture_output():
+        ip.run_line_magic("sd_setup", "--model tiny")
+    ip.run_line_magic("config", f"SDMagics.default_steps = {STEPS}")
+    yield ip
+    ip.run_line_magic("unload_ext", "sdmagic")
+
+
 class CompileCounter:
     """Counts XLA backend compiles (and their seconds) through jax.monitoring, like equinox's tests."""
 

@@ -14,7 +14,6 @@ import jax
 import numpy as np
 import pytest
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 from PIL import Image, PngImagePlugin
 
@@ -24,17 +23,6 @@ import sdmagic.session as session_module
 from sdmagic.session import PromptTruncatedWarning
 
 from conftest import STEPS
-
-
-@pytest.fixture(scope="module")
-def shell(tiny_dir):
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "sdmagic")
-    with capture_output():
-        ip.run_line_magic("sd_setup", "--model tiny")
-    ip.run_line_magic("config", f"SDMagics.default_steps = {STEPS}")
-    yield ip
-    ip.run_line_magic("unload_ext", "sdmagic")
 
 
 def run(ip, source):
@@ -49,84 +37,84 @@ def run(ip, source):
 # ------------------------------------------------------------------------------------ 12: new users
 
 
-def test_help_shows_magic_names_not_argparse_internals(shell):
+def test_help_shows_magic_names_not_argparse_internals(tiny_shell):
     """A `%` in an option's help was read as a format: `(default: {'option_strings': ...}d_setup's)`."""
     for name in ("sd_setup", "sd", "sd_time", "sd_history", "sd_show", "sd_from_png"):
-        doc = shell.find_magic(name).__doc__
+        doc = tiny_shell.find_magic(name).__doc__
         assert "option_strings" not in doc and "%(" not in doc, name
-    sd_doc = " ".join(shell.find_cell_magic("sd").__doc__.split())
+    sd_doc = " ".join(tiny_shell.find_cell_magic("sd").__doc__.split())
     assert "(default: %sd_setup's)" in sd_doc
-    assert "the last %%sd configuration" in " ".join(shell.find_line_magic("sd_time").__doc__.split())
-    assert "in %sd_history" in shell.find_line_magic("sd_show").__doc__
+    assert "the last %%sd configuration" in " ".join(tiny_shell.find_line_magic("sd_time").__doc__.split())
+    assert "in %sd_history" in tiny_shell.find_line_magic("sd_show").__doc__
 
 
-def test_the_line_form_takes_apostrophes(shell):
-    result, _ = run(shell, f"%sd --seed 3 --steps {STEPS} a cat's portrait")
+def test_the_line_form_takes_apostrophes(tiny_shell):
+    result, _ = run(tiny_shell, f"%sd --seed 3 --steps {STEPS} a cat's portrait")
     assert result.prompts == ["a cat's portrait"] and result.seeds == [3]
-    # Quotes that open a word still group words, as in a shell.
-    result, _ = run(shell, f"%sd --seed 3 --steps {STEPS} --negative 'dark, blurry' it's a fox")
+    # Quotes that open a word still group words, as in a tiny_shell.
+    result, _ = run(tiny_shell, f"%sd --seed 3 --steps {STEPS} --negative 'dark, blurry' it's a fox")
     assert result.prompts == ["it's a fox"] and result.negative == "dark, blurry"
     with pytest.raises(UsageError, match="close every quote"):
-        run(shell, "%sd --negative 'never closed a fox")
+        run(tiny_shell, "%sd --negative 'never closed a fox")
 
 
 @pytest.mark.parametrize("line", [" -- --seed 4", "-- --seed 4", "--", "  --  "])
-def test_a_cell_line_of_options_alone_is_an_error(shell, line):
+def test_a_cell_line_of_options_alone_is_an_error(tiny_shell, line):
     with pytest.raises(UsageError, match="line 2 of the cell has options but no prompt"):
-        run(shell, f"%%sd --seed 1\na red fox\n{line}\n")
+        run(tiny_shell, f"%%sd --seed 1\na red fox\n{line}\n")
 
 
-def test_the_saved_grid_is_the_grid_shown(shell, tmp_path):
-    result, _ = run(shell, f"%%sd --seed 1 --cols 1 --save {tmp_path}\na\nb\nc\n")
+def test_the_saved_grid_is_the_grid_shown(tiny_shell, tmp_path):
+    result, _ = run(tiny_shell, f"%%sd --seed 1 --cols 1 --save {tmp_path}\na\nb\nc\n")
     assert result.display_cols == 1
     with Image.open(result.grid_file) as saved:
         assert saved.size == result.grid(1).size
         assert saved.size[1] > saved.size[0]  # one column of three images: taller than wide
 
 
-def test_showing_a_run_with_other_columns_leaves_the_run_alone(shell):
-    result, _ = run(shell, "%%sd --seed 1 --cols 1\na\nb\n")
-    shown, _ = run(shell, f"%sd_show {result.number} --cols 2")
+def test_showing_a_run_with_other_columns_leaves_the_run_alone(tiny_shell):
+    result, _ = run(tiny_shell, "%%sd --seed 1 --cols 1\na\nb\n")
+    shown, _ = run(tiny_shell, f"%sd_show {result.number} --cols 2")
     assert shown.display_cols == 2 and result.display_cols == 1
 
 
-def test_history_and_timings_outlive_a_new_setup(shell):
-    first, _ = run(shell, "%%sd --seed 5\na lighthouse\n")
-    runs_before = len(shell.find_line_magic("sd_time").__self__.session.timings.runs)
+def test_history_and_timings_outlive_a_new_setup(tiny_shell):
+    first, _ = run(tiny_shell, "%%sd --seed 5\na lighthouse\n")
+    runs_before = len(tiny_shell.find_line_magic("sd_time").__self__.session.timings.runs)
     with capture_output():
-        shell.run_line_magic("sd_setup", "--model tiny --scheduler ddim")
+        tiny_shell.run_line_magic("sd_setup", "--model tiny --scheduler ddim")
     try:
-        magics = shell.find_line_magic("sd_time").__self__
+        magics = tiny_shell.find_line_magic("sd_time").__self__
         assert len(magics.session.history) >= first.number
         assert magics.session.history[first.number].prompts == ["a lighthouse"]
-        again, _ = run(shell, "%%sd --seed 5\na lighthouse\n")
+        again, _ = run(tiny_shell, "%%sd --seed 5\na lighthouse\n")
         assert again.number == first.number + 1
-        table, _ = run(shell, "%sd_history -o")
+        table, _ = run(tiny_shell, "%sd_history -o")
         rows = table.rows()
         assert rows[0][6] == "model"
         assert rows[first.number][6] == "tiny (pndm)" and rows[again.number][6] == "tiny (ddim)"
-        shown, _ = run(shell, f"%sd_show {first.number}")
+        shown, _ = run(tiny_shell, f"%sd_show {first.number}")
         assert shown.prompts == ["a lighthouse"]
-        report, captured = run(shell, "%sd_time -o")
+        report, captured = run(tiny_shell, "%sd_time -o")
         assert len(report.runs) == runs_before + 1
         assert "tiny (pndm)" in captured.stdout and "tiny (ddim)" in captured.stdout
     finally:
         with capture_output():
-            shell.run_line_magic("sd_setup", "--model tiny")
+            tiny_shell.run_line_magic("sd_setup", "--model tiny")
 
 
-def test_sd_time_counts_the_warmup(shell):
-    magics = shell.find_line_magic("sd_time").__self__
+def test_sd_time_counts_the_warmup(tiny_shell):
+    magics = tiny_shell.find_line_magic("sd_time").__self__
     before = magics.session.timings.summary()
     try:
-        shell.run_line_magic("config", f"SDMagics.default_steps = {STEPS + 4}")  # a shape not compiled yet
+        tiny_shell.run_line_magic("config", f"SDMagics.default_steps = {STEPS + 4}")  # a shape not compiled yet
         with capture_output():
-            shell.run_line_magic("sd_setup", "--model tiny --no-cache --warmup")
-        report, captured = run(shell, "%sd_time -o")
+            tiny_shell.run_line_magic("sd_setup", "--model tiny --no-cache --warmup")
+        report, captured = run(tiny_shell, "%sd_time -o")
     finally:
-        shell.run_line_magic("config", f"SDMagics.default_steps = {STEPS}")
+        tiny_shell.run_line_magic("config", f"SDMagics.default_steps = {STEPS}")
         with capture_output():
-            shell.run_line_magic("sd_setup", "--model tiny")
+            tiny_shell.run_line_magic("sd_setup", "--model tiny")
     warmup = report.runs[-1]
     assert warmup.kind == "warm-up" and warmup.compile_seconds > 0 and warmup.images == 0
     assert report.compile_seconds > before.compile_seconds and report.shapes == before.shapes + 1
@@ -161,18 +149,18 @@ def test_dir_and_tab_completion_show_the_api():
         assert name in names
 
 
-def test_errors_name_keywords_in_python_and_flags_in_magics(shell, session8):
+def test_errors_name_keywords_in_python_and_flags_in_magics(tiny_shell, session8):
     with pytest.raises(sdmagic.SDMagicError) as python_error:
         session8.generate(["a"], seed=-3)
     assert "seed=3" in str(python_error.value) and "--seed" not in str(python_error.value)
     with pytest.raises(UsageError) as magic_error:
-        run(shell, "%%sd --seed -3\na\n")
+        run(tiny_shell, "%%sd --seed -3\na\n")
     assert "--seed 3" in str(magic_error.value) and "seed=3" not in str(magic_error.value)
 
     with pytest.raises(sdmagic.SDMagicError, match=r"images_per_prompt must be .*images_per_prompt=2"):
         session8.generate(["a"], images_per_prompt=0)
     with pytest.raises(UsageError, match=r"--n must be .*--n 2"):
-        run(shell, "%%sd --n 0\na\n")
+        run(tiny_shell, "%%sd --n 0\na\n")
     with pytest.raises(sdmagic.SDMagicError, match=r"per_device_batch must be .*per_device_batch="):
         session8.generate(["a"], per_device_batch=0)
 
@@ -186,21 +174,21 @@ def test_absurd_guidance_is_refused(session8, guidance):
         session8.generate(["a"], seed=1, steps=STEPS, guidance=guidance)
 
 
-def test_an_empty_save_folder_is_refused_before_any_work(shell, session8, tmp_path, monkeypatch, compiles):
+def test_an_empty_save_folder_is_refused_before_any_work(tiny_shell, session8, tmp_path, monkeypatch, compiles):
     monkeypatch.chdir(tmp_path)
     with compiles:
         with pytest.raises(sdmagic.SDMagicError, match="save needs a folder name"):
             session8.generate(["a"], seed=1, steps=STEPS + 7, save="")
         with pytest.raises(UsageError, match="--save needs a folder name"):
-            run(shell, "%%sd --seed 1 --save ''\na\n")
+            run(tiny_shell, "%%sd --seed 1 --save ''\na\n")
     assert compiles.count == 0
     assert not list(tmp_path.iterdir()), "nothing may be written to the current folder"
 
 
-def test_out_of_device_memory_says_which_shape_and_what_to_try(shell, monkeypatch):
-    magics = shell.find_line_magic("sd_time").__self__
+def test_out_of_device_memory_says_which_shape_and_what_to_try(tiny_shell, monkeypatch):
+    magics = tiny_shell.find_line_magic("sd_time").__self__
     session = magics.session
-    run(shell, "%%sd --seed 1\na\n")  # compiled: the next call of this shape uses the executable below
+    run(tiny_shell, "%%sd --seed 1\na\n")  # compiled: the next call of this shape uses the executable below
     key = session.shape_key(session.make_request(["a"], seed=1, steps=STEPS))
 
     def out_of_memory(*args):
@@ -208,12 +196,12 @@ def test_out_of_device_memory_says_which_shape_and_what_to_try(shell, monkeypatc
 
     monkeypatch.setitem(session._executables, key, out_of_memory)
     with pytest.raises(UsageError) as err:
-        run(shell, "%%sd --seed 1\na\n")
+        run(tiny_shell, "%%sd --seed 1\na\n")
     message = str(err.value)
     assert "\n" not in message and "out of device memory" in message
     assert "8 x 64x64" in message and "--per-device-batch 1" in message
     monkeypatch.undo()
-    result, _ = run(shell, "%%sd --seed 1\na\n")  # the session is still usable
+    result, _ = run(tiny_shell, "%%sd --seed 1\na\n")  # the session is still usable
     assert len(result.images) == 1
 
 
@@ -280,7 +268,7 @@ def test_a_ten_megabyte_prompt_costs_little_and_warns_briefly(session8):
     assert len(message) < 260 and "over " in message
 
 
-def test_magic_warnings_are_one_line_without_source_echo(shell):
+def test_magic_warnings_are_one_line_without_source_echo(tiny_shell):
     # As in a notebook, where a warning is written as warnings.formatwarning makes it (pytest would
     # record it instead).
     def show(message, category, filename, lineno, file=None, line=None):
@@ -289,7 +277,7 @@ def test_magic_warnings_are_one_line_without_source_echo(shell):
     with warnings.catch_warnings(), capture_output() as captured:
         warnings.simplefilter("always")
         warnings.showwarning = show
-        outcome = shell.run_cell("%%sd --seed 1\n" + "word " * 40 + "\n")
+        outcome = tiny_shell.run_cell("%%sd --seed 1\n" + "word " * 40 + "\n")
     assert outcome.error_in_exec is None
     lines = [line for line in captured.stderr.splitlines() if line.strip()]
     warning_lines = [line for line in lines if "PromptTruncatedWarning" in line]

@@ -18,17 +18,6 @@ from sdmagic.session import PromptTruncatedWarning, SaveFailedWarning
 from conftest import STEPS
 
 
-@pytest.fixture(scope="module")
-def shell(tiny_dir):
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "sdmagic")
-    with capture_output():
-        ip.run_line_magic("sd_setup", "--model tiny")
-    ip.run_line_magic("config", f"SDMagics.default_steps = {STEPS}")
-    yield ip
-    ip.run_line_magic("unload_ext", "sdmagic")
-
-
 def run_cell(ip, line, body):
     with capture_output() as captured:
         outcome = ip.run_cell(f"%%sd {line}\n{body}", store_history=True)
@@ -48,11 +37,11 @@ def all_files(root):
 # ------------------------------------------------------------------------------------ saving
 
 
-def test_saving_twice_keeps_every_file_inside_the_folder(shell, tmp_path):
+def test_saving_twice_keeps_every_file_inside_the_folder(tiny_shell, tmp_path):
     out = tmp_path / "out"
     body = "../../escape/me\n/etc/passwd\na red fox, in snow: at dusk\n"
-    first, _ = run_cell(shell, f"--seed 100 --save {out}", body)
-    second, _ = run_cell(shell, f"--seed 100 --save {out}", body)
+    first, _ = run_cell(tiny_shell, f"--seed 100 --save {out}", body)
+    second, _ = run_cell(tiny_shell, f"--seed 100 --save {out}", body)
     files = all_files(tmp_path)
     assert all(os.path.dirname(f) == str(out) for f in files), files  # nothing escaped, no subfolders
     images = [f for f in files if "-grid-" not in os.path.basename(f)]
@@ -92,21 +81,21 @@ def test_parameters_round_trip_with_quotes_and_negative():
     assert (parsed["width"], parsed["height"], parsed["model"], parsed["sampler"]) == (512, 768, "org/model:v2", "DPM++ 2M")
 
 
-def test_a_disk_error_keeps_the_images(shell, tmp_path):
+def test_a_disk_error_keeps_the_images(tiny_shell, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     with pytest.warns(SaveFailedWarning, match="could not save to .*the images are still in memory"):
-        result, _ = run_cell(shell, f"--seed 1 --save {blocker}/sub", "a fox")
+        result, _ = run_cell(tiny_shell, f"--seed 1 --save {blocker}/sub", "a fox")
     assert len(result.images) == 1 and not result.saved
-    assert shell.magics_manager.registry["SDMagics"].session.history[result.number] is result
+    assert tiny_shell.magics_manager.registry["SDMagics"].session.history[result.number] is result
 
 
 # ------------------------------------------------------------------------------------ round trip
 
 
-def test_from_png_makes_the_same_image(shell, tmp_path):
-    made, _ = run_cell(shell, f"--seed 31 --guidance 4.5 --negative 'dark, blurry' --save {tmp_path}", "a lighthouse\na tree")
-    again = shell.run_line_magic("sd_from_png", str(made.saved[1]))
+def test_from_png_makes_the_same_image(tiny_shell, tmp_path):
+    made, _ = run_cell(tiny_shell, f"--seed 31 --guidance 4.5 --negative 'dark, blurry' --save {tmp_path}", "a lighthouse\na tree")
+    again = tiny_shell.run_line_magic("sd_from_png", str(made.saved[1]))
     assert again.prompts == ["a tree"] and again.seeds == [32] and again.negative == "dark, blurry"
     assert again.guidance == 4.5 and again.steps == STEPS
     assert np.abs(pixels(again.images) - pixels(made.images[1:])).max() <= 2
@@ -120,42 +109,42 @@ def test_from_png_makes_the_same_image(shell, tmp_path):
         ("--model tiny --scheduler dpm", "saved", "run %sd_setup --model tiny --scheduler pndm"),
     ],
 )
-def test_from_png_errors_say_what_to_do(shell, tmp_path, setup, make_file, message):
+def test_from_png_errors_say_what_to_do(tiny_shell, tmp_path, setup, make_file, message):
     if make_file == "saved":
-        made, _ = run_cell(shell, f"--seed 3 --save {tmp_path}", "a fox")
+        made, _ = run_cell(tiny_shell, f"--seed 3 --save {tmp_path}", "a fox")
         path = made.saved[0]
     else:
         path = make_file(tmp_path)
-    magics = shell.magics_manager.registry["SDMagics"]
+    magics = tiny_shell.magics_manager.registry["SDMagics"]
     before = magics.session
     if setup:
         with capture_output():
-            shell.run_line_magic("sd_setup", setup)
+            tiny_shell.run_line_magic("sd_setup", setup)
     try:
         with pytest.raises(UsageError, match=message):
-            shell.run_line_magic("sd_from_png", str(path))
+            tiny_shell.run_line_magic("sd_from_png", str(path))
     finally:
         if setup:
             with capture_output():
-                shell.run_line_magic("sd_setup", "--model tiny")
+                tiny_shell.run_line_magic("sd_setup", "--model tiny")
     assert magics.session is not None and (setup or magics.session is before)
 
 
 # ------------------------------------------------------------------------------------ history
 
 
-def test_history_lists_and_shows_runs(shell, tmp_path):
-    first, _ = run_cell(shell, f"--seed 5 --save {tmp_path}", "history one\nhistory two")
-    second, _ = run_cell(shell, "--seed 9", "history three")
+def test_history_lists_and_shows_runs(tiny_shell, tmp_path):
+    first, _ = run_cell(tiny_shell, f"--seed 5 --save {tmp_path}", "history one\nhistory two")
+    second, _ = run_cell(tiny_shell, "--seed 9", "history three")
     with capture_output() as captured:
-        shell.run_line_magic("sd_history", "")
+        tiny_shell.run_line_magic("sd_history", "")
     lines = captured.stdout.splitlines()
     assert lines[0].split()[:3] == ["#", "images", "prompts"]
     row = next(line for line in lines if line.split()[0] == str(first.number))
     assert "history one (+1 more)" in row and "5..6" in row and "64x64" in row and str(tmp_path) in row
-    assert shell.run_line_magic("sd_show", str(second.number)) is second
+    assert tiny_shell.run_line_magic("sd_show", str(second.number)) is second
     with pytest.raises(UsageError, match="there is no run 9999"):
-        shell.run_line_magic("sd_show", "9999")
+        tiny_shell.run_line_magic("sd_show", "9999")
 
 
 def test_history_cap_drops_oldest_images_and_says_so(tiny_dir, tmp_path):
@@ -174,14 +163,14 @@ def test_history_cap_drops_oldest_images_and_says_so(tiny_dir, tmp_path):
 # ------------------------------------------------------------------------------------ per-line options
 
 
-def test_per_line_options_group_by_shape(shell, compiles):
+def test_per_line_options_group_by_shape(tiny_shell, compiles):
     body = (
         "a red fox in snow -- --seed 7 --n 2 --guidance 5\n"
         "a plain line\n"
         "a wide one -- --width 128 --negative 'dark, cold'\n"
         "a c--d e\n"
     )
-    result, _ = run_cell(shell, "--seed 100", body)
+    result, _ = run_cell(tiny_shell, "--seed 100", body)
     assert result.prompts == ["a red fox in snow", "a red fox in snow", "a plain line", "a wide one", "a c--d e"]
     # A line's own seed counts from itself; other lines keep the cell's numbering (image i: S + i).
     assert result.seeds == [7, 8, 102, 103, 104]
@@ -190,10 +179,10 @@ def test_per_line_options_group_by_shape(shell, compiles):
     assert result.images[3].size == (128, 64)
     assert "seeds 7..8, 102..104" in repr(result)
     # Two shapes: two compiled calls at most, the 64x64 lines together.
-    alone, _ = run_cell(shell, "--seed 102", "a plain line")
+    alone, _ = run_cell(tiny_shell, "--seed 102", "a plain line")
     assert np.abs(pixels(alone.images) - pixels(result.images[2:3])).max() <= 2
     with compiles:
-        run_cell(shell, "--seed 1", "x -- --seed 3\ny -- --guidance 2 --n 3\nz -- --width 128")
+        run_cell(tiny_shell, "--seed 1", "x -- --seed 3\ny -- --guidance 2 --n 3\nz -- --width 128")
     assert compiles.count == 0  # shapes seen before, whatever the per-line values
 
 
@@ -207,40 +196,40 @@ def test_per_line_options_group_by_shape(shell, compiles):
         ("a fox -- --negative 'open", "line 1 of the cell: no closing quotation"),
     ],
 )
-def test_per_line_option_errors_name_the_line(shell, body, message):
+def test_per_line_option_errors_name_the_line(tiny_shell, body, message):
     with pytest.raises(UsageError, match=message):
-        shell.run_cell_magic("sd", "--seed 1", body)
+        tiny_shell.run_cell_magic("sd", "--seed 1", body)
 
 
 # ------------------------------------------------------------------------------------ %config and display
 
 
-def test_config_defaults_apply_to_every_option(shell, tmp_path):
+def test_config_defaults_apply_to_every_option(tiny_shell, tmp_path):
     config = {
         "default_seed": 77, "default_guidance": 3.0, "default_height": 32, "default_width": 128,
         "default_negative": "blurry", "default_n": 2, "default_cols": 1, "save_dir": str(tmp_path),
     }
     try:
         for name, value in config.items():
-            shell.run_line_magic("config", f"SDMagics.{name} = {value!r}")
-        result, _ = run_cell(shell, "", "configured")
+            tiny_shell.run_line_magic("config", f"SDMagics.{name} = {value!r}")
+        result, _ = run_cell(tiny_shell, "", "configured")
         assert result.seeds == [77, 78] and result.guidance == 3.0 and result.negative == "blurry"
         assert (result.width, result.height, result.display_cols, result.steps) == (128, 32, 1, STEPS)
         assert len(result.saved) == 2
         # A cell's own options still win, and --no-save skips the default folder.
-        result, _ = run_cell(shell, "--seed 1 --n 1 --guidance 9 --no-save", "configured")
+        result, _ = run_cell(tiny_shell, "--seed 1 --n 1 --guidance 9 --no-save", "configured")
         assert result.seeds == [1] and result.guidance == 9.0 and not result.saved
     finally:
         for name, default in [("default_seed", None), ("default_guidance", 7.5), ("default_height", None),
                               ("default_width", None), ("default_negative", None), ("default_n", 1),
                               ("default_cols", None), ("save_dir", None)]:
-            shell.run_line_magic("config", f"SDMagics.{name} = {default!r}")
+            tiny_shell.run_line_magic("config", f"SDMagics.{name} = {default!r}")
 
 
-def test_long_prompts_and_large_grids_display_well(shell):
+def test_long_prompts_and_large_grids_display_well(tiny_shell):
     long_prompt = "an extremely detailed painting of " + "many colourful birds " * 20
     with pytest.warns(PromptTruncatedWarning):
-        result, _ = run_cell(shell, "--seed 1 --height 128 --width 128 --n 16 --cols 16", long_prompt)
+        result, _ = run_cell(tiny_shell, "--seed 1 --height 128 --width 128 --n 16 --cols 16", long_prompt)
     html = result._repr_html_()
     assert f'title="{long_prompt.strip()}"' in html  # full prompt on hover
     assert "…" in result.captions()[0] and len(result.captions()[0]) < 80
@@ -249,9 +238,9 @@ def test_long_prompts_and_large_grids_display_well(shell):
     assert result.images[0].size == (128, 128)  # ...the images and saved grids stay full size
 
 
-def test_terminal_ipython_gets_a_table(shell, tmp_path):
-    result, _ = run_cell(shell, f"--seed 4 --save {tmp_path}", "a fox\na cat")
-    formatter = shell.display_formatter
+def test_terminal_ipython_gets_a_table(tiny_shell, tmp_path):
+    result, _ = run_cell(tiny_shell, f"--seed 4 --save {tmp_path}", "a fox\na cat")
+    formatter = tiny_shell.display_formatter
     active = formatter.active_types
     formatter.active_types = ["text/plain"]  # what a terminal IPython renders
     try:
@@ -291,14 +280,14 @@ def test_step_progress_reports_every_denoising_step(tiny_dir, capsys):
     session.close()
 
 
-def test_step_progress_is_a_config_option(shell):
-    magics = shell.magics_manager.registry["SDMagics"]
-    shell.run_line_magic("config", "SDMagics.step_progress = True")
+def test_step_progress_is_a_config_option(tiny_shell):
+    magics = tiny_shell.magics_manager.registry["SDMagics"]
+    tiny_shell.run_line_magic("config", "SDMagics.step_progress = True")
     try:
         assert magics.session.step_progress
         before = magics.session.steps_reported
-        run_cell(shell, "--seed 1", "a fox")
+        run_cell(tiny_shell, "--seed 1", "a fox")
         assert magics.session.steps_reported - before == STEPS
     finally:
-        shell.run_line_magic("config", "SDMagics.step_progress = False")
+        tiny_shell.run_line_magic("config", "SDMagics.step_progress = False")
     assert not magics.session.step_progress
