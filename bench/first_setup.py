@@ -4,10 +4,10 @@
 
 Each run is a new Python process on 8 simulated CPU devices, as a new notebook kernel would be:
 "first" on an empty SDMAGIC_HOME, "cached" on one that already holds the tiny model; runs
-alternate first, cached, first, ... so drift hits both alike. Importing sdmagic (JAX, diffusers,
-transformers) is timed apart and is the same for both. All runs share one warmed compile cache,
-so the only difference between the two is building the model. `--random-sd1` also times building
-the full-size SD 1.x random model in memory (what `bench/speed.py --full` starts with).
+alternate first, cached, first, ... so drift hits both alike. Importing sdmagic (and JAX) is timed
+apart and is the same for both. All runs share one warmed compile cache, so the only difference
+between the two is building the model. `--random-sd1` also times building the full-size SD 1.x
+random model in memory (what `bench/speed.py --full` starts with).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
         print(f"first (empty SDMAGIC_HOME): {summary(first)}")
         print(f"cached:                     {summary(cached)}")
         print(f"ratio first / cached: {results['ratio']:.2f}")
-        print(f"import sdmagic + JAX + diffusers (not included above): {summary(imports)}")
+        print(f"import sdmagic + JAX (not included above): {summary(imports)}")
         print(f"status line printed: {lines['first']} of {args.runs} first runs,"
               f" {lines['cached']} of {args.runs} cached")
         if args.random_sd1:

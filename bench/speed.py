@@ -6,7 +6,8 @@
 (a) the original Kaggle/Colab notebook: `pipeline(shard(prompt_ids), replicate(params), rng,
 jit=True)`, then `numpy_to_pil` and a grid; (b) `Session.generate` on the same model, prompts,
 steps and size, then its grid. Both without the safety checker (upstream's cannot run on current
-JAX). Steady-state runs alternate a, b, a, b, ... so drift hits both alike.
+JAX), on the same weights (sdmagic's trees keep the Flax ports' layout; see seed.py). Steady-state
+runs alternate a, b, a, b, ... so drift hits both alike.
 
 Then: sdmagic with DPM-Solver++ at 25 steps against PNDM at 50, and the first call after a
 restart (a fresh process on a warm cache) against a cold first call.
@@ -209,7 +210,10 @@ def main(argv=None) -> dict:
     per_device = default_per_device_batch(plan)
     batch = plan.count * per_device
     model = load(args)
-    pipe = model.pipeline
+    sys.path.insert(0, str(Path(__file__).parent))
+    from seed import seed_pipeline_for
+
+    pipe = seed_pipeline_for(model)
     size = args.size or model.default_size
     prompts = [f"a photograph of an astronaut riding a horse, number {i}" for i in range(batch)]
     cols = min(batch, 4)

@@ -9,7 +9,8 @@ cells = [
     new_markdown_cell(
         "# sdmagic demo\n\n"
         "Stable Diffusion on JAX from notebook cells: the original Kaggle/Colab Flax workflow "
-        "(setup, one prompt on every device, 8 different prompts, timing) in a few magics.\n\n"
+        "(setup, one prompt on every device, 8 different prompts, timing) in a few magics, on sdmagic's "
+        "own JAX networks (the same numerics as PyTorch diffusers, any current JAX).\n\n"
         "**This notebook runs offline on `tiny`**, a built-in random miniature pipeline: it draws noise, "
         "not art, but exercises exactly the code real models use.\n\n"
         "**To use real weights**, on a TPU or GPU runtime (`pip install -U \"jax[tpu]\"` or "
@@ -70,6 +71,13 @@ cells = [
         "print(saved)\n"
         "%sd_from_png $saved"
     ),
+    new_markdown_cell(
+        "## Samplers\nThe ones AUTOMATIC1111 users know, by the same names in the PNG parameters: `pndm` (PLMS), "
+        "`ddim`, `lms`, `lms-karras`, `dpm` (DPM++ 2M), `dpm-karras`, `euler`, `euler-a` (Euler a). Euler a draws "
+        "fresh noise every step, from each image's own seed, so its images too are the same on 1 device or 8."
+    ),
+    new_code_cell("%sd_setup --model tiny --scheduler euler-a"),
+    new_code_cell("%%sd --seed 3 --n 4\na starfinder planet landscape, concept art, 4k"),
     new_markdown_cell("## The same from plain Python"),
     new_code_cell(
         "import sdmagic\n\n"

@@ -11,7 +11,7 @@ or from plain Python:
     session = sdmagic.setup(model="tiny")
     result = session.generate(["a red fox in the snow"], seed=3)
 
-JAX, diffusers and transformers are imported on first use, so `%load_ext sdmagic` is instant.
+JAX is imported on first use, so `%load_ext sdmagic` is instant.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ MAX_EXECUTABLE_BYTES = 8 * 2**30
 # A `.part` file this old is a leftover of an interrupted write; a younger one may be another
 # process writing right now (a big executable on a slow disk takes seconds, never an hour).
 STALE_PART_SECONDS = 3600
-_VERSIONED = ("jax", "jaxlib", "flax", "diffusers", "transformers", "sdmagic")
+_VERSIONED = ("jax", "jaxlib", "sdmagic")
 
 
 class CompileCacheWarning(UserWarning):
@@ -244,13 +244,6 @@ def _source_digest() -> str:
     return digest.hexdigest()
 
 
-def _config_dict(obj: Any) -> Any:
-    config = getattr(obj, "config", None)
-    if config is None:
-        return None
-    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
-
-
 def executable_key(model: Any, shape_key: Any, plan: Any, arguments: Any) -> str:
     """A digest of everything a compiled generate depends on, and nothing that changes per cell.
 
@@ -258,16 +251,11 @@ def executable_key(model: Any, shape_key: Any, plan: Any, arguments: Any) -> str
     executable; configs (read at trace time), argument shapes/dtypes/shardings, devices and versions
     all take part.
     """
-    pipe = model.pipeline
     leaves, tree = jax.tree_util.tree_flatten(arguments)
     parts = {
         "shape": repr(shape_key),
-        "configs": {
-            name: _config_dict(getattr(pipe, name, None))
-            for name in ("unet", "vae", "text_encoder", "safety_checker")
-        },
-        "scheduler": [type(model.scheduler).__name__, _config_dict(model.scheduler)],
-        "feature_extractor": model.feature_extractor.to_dict() if model.feature_extractor is not None else None,
+        "model": model.model.digest(),
+        "sampler": model.sampler.cache_key(),
         "arguments": [str(tree)] + [(x.shape, str(x.dtype), str(getattr(x, "sharding", ""))) for x in leaves],
         "devices": [(d.platform, getattr(d, "device_kind", ""), d.id) for d in plan.devices],
         "platform_version": getattr(plan.devices[0].client, "platform_version", ""),

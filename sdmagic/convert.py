@@ -7,9 +7,9 @@ Two layouts are read:
   `cond_stage_model.*`), as AUTOMATIC1111 and most fine-tunes ship it: first renamed to diffusers'
   PyTorch names (`ldm_to_diffusers`), then converted like the above.
 
-The conversion is driven by the target: the Flax model's own parameter shapes (from
-`jax.eval_shape`, so nothing is initialised), so a missing, extra or misshapen weight is an error
-that names it. A .safetensors file is checked from its header alone (`SafetensorsFile`: keys,
+The conversion is driven by the target: the parameter tree sdmagic's networks declare for the
+configs (the shape functions in `sdmagic/nets/`), so a missing, extra or misshapen weight is an
+error that names it. A .safetensors file is checked from its header alone (`SafetensorsFile`: keys,
 shapes, dtypes) before any tensor is read, then read one tensor at a time: a file that does not fit
 costs no memory, and one that fits never holds two copies. `flax_to_pytorch` and
 `diffusers_to_ldm` are the inverses (the tests write tiny models in each layout with them).

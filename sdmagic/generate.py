@@ -2,10 +2,12 @@
 
 One executable per `ShapeKey`. Everything that changes from cell to cell (prompts, negative prompts,
 seeds, guidance) is an array argument, so a new cell with the same shape reuses the executable.
-The denoising loop mirrors diffusers' `FlaxStableDiffusionPipeline._generate` operation for
-operation, so that sdmagic's images equal diffusers' for the same parameters and noise; it differs
-in taking per-image seeds and guidance, and in drawing the noise, running the safety checker and
-converting to uint8 on the device, so that only finished pixels cross to the host.
+The loop is diffusers' `StableDiffusionPipeline.__call__` over sdmagic's model interface and
+samplers, so that images equal PyTorch diffusers' for the same weights and noise; it differs in
+taking per-image seeds and guidance, and in drawing the noise, running the safety checker and
+converting to uint8 on the device, so that only finished pixels cross to the host. The sampler's
+tables (timesteps, sigmas, coefficients) depend only on its config and the step count, which the
+`ShapeKey` fixes, so they are constants of the executable, not arguments.
 """
 
 from __future__ import annotations
@@ -38,35 +40,28 @@ class ShapeKey:
         return f"{self.batch} x {self.width}x{self.height}, {self.steps} {self.scheduler} steps, {self.dtype}{checker}"
 
 
+# The noise contract. Every random draw of an image comes from its own key K = PRNGKey(seed), so an
+# image depends neither on its batch, chunk or device nor on the other images:
+# - the initial latents are normal(K, (C, H/f, W/f)) (unchanged since sdmagic 0.1);
+# - an ancestral sampler's noise at model evaluation n is normal(fold_in(fold_in(K, ANCESTRAL), n)).
+# Later draws (img2img's posterior sample, its added noise) get streams of their own here.
+ANCESTRAL = 1
+
+
+def image_keys(seeds: jax.Array) -> jax.Array:
+    return jax.vmap(jax.random.PRNGKey)(seeds)
+
+
 def initial_noise(seeds: jax.Array, shape: tuple[int, int, int]) -> jax.Array:
-    """The noise contract: image i's latents are normal(PRNGKey(seed_i), (C, H/f, W/f), float32).
-
-    Drawn per image from its own key, so an image does not depend on its batch, chunk or device.
-    """
-    return jax.vmap(lambda s: jax.random.normal(jax.random.PRNGKey(s), shape, jnp.float32))(seeds)
+    """Image i's initial latents: normal(PRNGKey(seed_i), (C, H/f, W/f), float32)."""
+    return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(image_keys(seeds))
 
 
-def _clip_pixels(images: jax.Array, feature_extractor: Any) -> jax.Array:
-    """CLIPImageProcessor's preprocessing on the device: resize, centre crop, rescale, normalise.
-
-    Bicubic with antialiasing, like Pillow's; values are rounded to whole levels after the resize
-    as Pillow does on uint8 images. Returns NHWC float32.
-    """
-    batch, height, width, _ = images.shape
-    shortest = int(feature_extractor.size["shortest_edge"])
-    crop_h = int(feature_extractor.crop_size["height"])
-    crop_w = int(feature_extractor.crop_size["width"])
-    short, long = min(height, width), max(height, width)
-    resized_long = int(shortest * long / short)
-    new_h, new_w = (shortest, resized_long) if height <= width else (resized_long, shortest)
-    x = jax.image.resize(images.astype(jnp.float32), (batch, new_h, new_w, 3), "bicubic", antialias=True)
-    x = jnp.clip(jnp.round(x), 0, 255)
-    top, left = (new_h - crop_h) // 2, (new_w - crop_w) // 2
-    x = x[:, top : top + crop_h, left : left + crop_w, :]
-    x = x * float(feature_extractor.rescale_factor)
-    mean = jnp.asarray(feature_extractor.image_mean, jnp.float32)
-    std = jnp.asarray(feature_extractor.image_std, jnp.float32)
-    return (x - mean) / std
+def step_noise(keys: jax.Array, stream: int, n: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Each image's draw for model evaluation `n` of `stream`, from its own key."""
+    return jax.vmap(
+        lambda k: jax.random.normal(jax.random.fold_in(jax.random.fold_in(k, stream), n), shape, jnp.float32)
+    )(keys)
 
 
 def _pair(unconditional: jax.Array, conditional: jax.Array) -> jax.Array:
@@ -86,68 +81,59 @@ def _unpair(rows: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def build_generate(model: Any, key: ShapeKey, on_step: Callable | None = None) -> Callable:
-    """The function compiled for `key`: (params, scheduler_state, ids, neg_ids, seeds, guidance)
+    """The function compiled for `key`: (params, ids, neg_ids, seeds, guidance)
     -> (uint8 images [B, H, W, 3], nsfw flags [B]).
 
-    With `key.step_progress`, `on_step(step)` runs on the host after each denoising step (once
-    per step, not per device); such an executable holds a Python callback and cannot be saved.
+    `model` is a LoadedModel: its `model` (the StableDiffusion interface) and `sampler`. With
+    `key.step_progress`, `on_step(step)` runs on the host after each denoising step (once per step,
+    not per device); such an executable holds a Python callback and cannot be saved.
     """
-    pipe = model.pipeline
-    scheduler = model.scheduler
-    f = model.vae_scale_factor
-    latent_shape = (model.latent_channels, key.height // f, key.width // f)
-    scaling_factor = pipe.vae.config.scaling_factor
-    feature_extractor = model.feature_extractor
+    sd = model.model
+    sampler = model.sampler
+    spec = sd.spec
+    f = spec.scale_factor
+    latent_shape = (spec.latent_channels, key.height // f, key.width // f)
+    steps = key.steps
+    timesteps = jnp.asarray(sampler.timesteps(steps), jnp.float32)
+    evaluations = int(timesteps.shape[0])
+    extra = evaluations - steps
 
-    def generate(params, scheduler_state, prompt_ids, neg_prompt_ids, seeds, guidance):
-        prompt_embeds = pipe.text_encoder(prompt_ids, params=params["text_encoder"])[0]
-        negative_prompt_embeds = pipe.text_encoder(neg_prompt_ids, params=params["text_encoder"])[0]
-        context = _pair(negative_prompt_embeds, prompt_embeds)
-        # float32 so the scheduler sees float32 model output, as in diffusers.
+    def generate(params, prompt_ids, neg_prompt_ids, seeds, guidance):
+        context = _pair(sd.encode_text(params, neg_prompt_ids), sd.encode_text(params, prompt_ids))
         guidance_scale = guidance.astype(jnp.float32)[:, None, None, None]
-        latents = initial_noise(seeds, latent_shape)
+        keys = image_keys(seeds)
+        latents = initial_noise(seeds, latent_shape) * sampler.init_noise_sigma(steps)
 
-        def loop_body(step, args):
-            latents, state = args
-            latents_input = _pair(latents, latents)
-            t = jnp.array(state.timesteps, dtype=jnp.int32)[step]
-            timestep = jnp.broadcast_to(t, latents_input.shape[0])
-            latents_input = scheduler.scale_model_input(state, latents_input, t)
-            noise_pred = pipe.unet.apply(
-                {"params": params["unet"]},
-                jnp.array(latents_input),
-                jnp.array(timestep, dtype=jnp.int32),
-                encoder_hidden_states=context,
-            ).sample
-            noise_pred_uncond, noise_prediction_text = _unpair(noise_pred)
-            noise_pred = noise_pred_uncond + guidance_scale * (noise_prediction_text - noise_pred_uncond)
-            latents, state = scheduler.step(state, noise_pred, t, latents).to_tuple()
+        def loop_body(i, carry):
+            latents, state = carry
+            # Tied to the latents, the weights stay loop-variant: XLA:CPU would otherwise hoist its
+            # bfloat16 -> float32 weight conversions out of the loop and keep a float32 copy of the
+            # whole UNet alive (3.4 GB for SD 1.x). Accelerators convert nothing; this costs nothing.
+            params_now, latents = jax.lax.optimization_barrier((params, latents))
+            model_input = sampler.scale_input(steps, i, latents)
+            t = jnp.broadcast_to(timesteps[i], (2 * latents.shape[0],))
+            noise_pred = sd.predict_noise(params_now, _pair(model_input, model_input), t, context)
+            uncond, text = _unpair(noise_pred)
+            noise_pred = uncond + guidance_scale * (text - uncond)
+            latents, state = sampler.step(
+                steps, i, state, latents, noise_pred, lambda: step_noise(keys, ANCESTRAL, i, latent_shape)
+            )
             if key.step_progress and on_step is not None:
-                jax.debug.callback(on_step, step)
+                # Reported per step the user asked for: PLMS's extra first evaluation is not a step.
+                jax.lax.cond(i >= extra, lambda: jax.debug.callback(on_step, i - extra), lambda: None)
             return latents, state
 
-        state = scheduler.set_timesteps(scheduler_state, num_inference_steps=key.steps, shape=latents.shape)
-        latents = latents * scheduler_state.init_noise_sigma
-        latents, _ = jax.lax.fori_loop(0, key.steps, loop_body, (latents, state))
-
-        latents = 1 / scaling_factor * latents
-        image = pipe.vae.apply({"params": params["vae"]}, latents, method=pipe.vae.decode).sample
-        image = (image / 2 + 0.5).clip(0, 1).transpose(0, 2, 3, 1)
-        pixels = jnp.round(image.astype(jnp.float32) * 255).astype(jnp.uint8)
-
+        latents, _ = jax.lax.fori_loop(0, evaluations, loop_body, (latents, sampler.init_state(latents)))
+        pixels = sd.decode(params, latents)
         if key.safety:
-            clip_input = _clip_pixels(pixels, feature_extractor)
-            nsfw = pipe.safety_checker.module.apply({"params": params["safety_checker"]}, clip_input)
-            pixels = jnp.where(nsfw[:, None, None, None], jnp.zeros_like(pixels), pixels)
-        else:
-            nsfw = jnp.zeros((pixels.shape[0],), dtype=bool)
-        return pixels, nsfw
+            return sd.check_safety(params, pixels)
+        return pixels, jnp.zeros((pixels.shape[0],), dtype=bool)
 
     return generate
 
 
-def argument_specs(model: Any, key: ShapeKey, plan: DevicePlan, params: Any, scheduler_state: Any) -> tuple:
-    """What the executable for `key` is called with: placed params and state, batch-sharded specs."""
+def argument_specs(model: Any, key: ShapeKey, plan: DevicePlan, params: Any) -> tuple:
+    """What the executable for `key` is called with: placed params, batch-sharded specs."""
     batch = plan.batch_sharded
     ids_len = model.max_tokens
 
@@ -156,7 +142,6 @@ def argument_specs(model: Any, key: ShapeKey, plan: DevicePlan, params: Any, sch
 
     return (
         params,
-        scheduler_state,
         spec((key.batch, ids_len), jnp.int32),
         spec((key.batch, ids_len), jnp.int32),
         spec((key.batch,), jnp.uint32),
@@ -170,7 +155,7 @@ def compile_generate(model: Any, key: ShapeKey, plan: DevicePlan, arguments: tup
     start = time.perf_counter()
     jitted = jax.jit(
         build_generate(model, key, on_step),
-        in_shardings=(plan.replicated, plan.replicated, batch, batch, batch, batch),
+        in_shardings=(plan.replicated, batch, batch, batch, batch),
         out_shardings=(batch, batch),
     )
     executable = jitted.lower(*arguments).compile()

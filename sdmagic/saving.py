@@ -32,11 +32,12 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
+from .schedulers import SAMPLERS
 from .errors import SDMagicError, example, option
 from .text import printable
 
 # sdmagic's scheduler names and A1111's sampler names for the same methods.
-SAMPLER_NAMES = {"pndm": "PLMS", "ddim": "DDIM", "lms": "LMS", "dpm": "DPM++ 2M"}
+SAMPLER_NAMES = SAMPLERS  # sdmagic name -> the label A1111 writes, e.g. "euler-a" -> "Euler a"
 SCHEDULER_FOR_SAMPLER = {v.lower(): k for k, v in SAMPLER_NAMES.items()}
 SLUG_CHARS = 48
 # Real parameters are a few KB (a prompt is cut at 16K characters); anything larger is not one.

@@ -178,7 +178,6 @@ class Session:
         self._step_bar = None
         start = time.perf_counter()
         self.params = place_replicated(model.params, plan)
-        self.scheduler_state = place_replicated(model.scheduler_state, plan)
         jax.block_until_ready(self.params)
         self.place_seconds = time.perf_counter() - start
         # The host copy is no longer needed: the devices hold the parameters now.
@@ -227,7 +226,7 @@ class Session:
         """Free the parameters and executables on the devices. The session cannot generate after."""
         if self._closed:
             return
-        for leaf in jax.tree_util.tree_leaves((self.params, self.scheduler_state)):
+        for leaf in jax.tree_util.tree_leaves(self.params):
             if isinstance(leaf, jax.Array):
                 leaf.delete()
         self._executables.clear()
@@ -323,8 +322,14 @@ class Session:
         if chosen_negative is not None and not isinstance(chosen_negative, str):
             raise SDMagicError(f"{option('negative')} must be text, got {type(chosen_negative).__name__}")
         steps_hint = f"e.g. {example('steps', 50)} (or 25 with {example('scheduler', 'dpm')})"
+        chosen_steps = _as_int("steps", pick(item.steps, steps), 1, MAX_STEPS, steps_hint)
+        try:  # a sampler's own limit (e.g. PLMS with steps_offset 1 stops at 999 steps)
+            self.model.sampler.evaluations(chosen_steps)
+        except ValueError as err:
+            raise SDMagicError(f"{option('steps')}={chosen_steps} does not suit the {self.model.scheduler_name}"
+                               f" scheduler ({printable(err, 120)}): {steps_hint}") from None
         return {
-            "steps": _as_int("steps", pick(item.steps, steps), 1, MAX_STEPS, steps_hint),
+            "steps": chosen_steps,
             "guidance": _as_float("guidance", pick(item.guidance, guidance), -MAX_GUIDANCE, MAX_GUIDANCE,
                                   f"e.g. {example('guidance', 7.5)}"),
             "n": _as_int("images_per_prompt", pick(item.n, images_per_prompt), 1, MAX_IMAGES_PER_PROMPT,
@@ -345,10 +350,11 @@ class Session:
         """Token ids padded to the encoder's length, and a note of what was cut (None if nothing):
         how many tokens, and the start of the cut text (about 80 characters, at a word boundary)."""
         if prompt not in self._token_cache:
-            tokenizer = self.model.pipeline.tokenizer
+            tokenizer = self.model.model.tokenizer
             limit = self.model.max_tokens
             head = prompt[:MAX_PROMPT_CHARS]
-            ids = tokenizer(head, padding="max_length", max_length=limit, truncation=False).input_ids
+            ids = [tokenizer.bos_token_id, *tokenizer.encode(head), tokenizer.eos_token_id]
+            ids += [tokenizer.pad_token_id] * (limit - len(ids))
             cut = None
             if len(ids) > limit:
                 # The last kept position holds the end token, as the truncating tokenizer does.
@@ -405,11 +411,11 @@ class Session:
         store = self.executable_store if not key.step_progress else ExecutableStore(None)
         if not store.enabled:
             return store, ""
-        arguments = gen.argument_specs(self.model, key, self.plan, self.params, self.scheduler_state)
+        arguments = gen.argument_specs(self.model, key, self.plan, self.params)
         return store, executable_key(self.model, key, self.plan, arguments)
 
     def _compile(self, key: gen.ShapeKey, store: ExecutableStore, digest: str) -> Any:
-        arguments = gen.argument_specs(self.model, key, self.plan, self.params, self.scheduler_state)
+        arguments = gen.argument_specs(self.model, key, self.plan, self.params)
 
         def compile_now():
             with _out_of_memory_says_what_to_do(key, "compiling"):
@@ -492,7 +498,7 @@ class Session:
         """Start one call on the devices; returns its (pixels, nsfw) arrays, not yet computed."""
         inputs = [place_batch(x, self.plan) for x in call.inputs]
         with _out_of_memory_says_what_to_do(call.key, "running"):
-            return self._executables[call.key](self.params, self.scheduler_state, *inputs)
+            return self._executables[call.key](self.params, *inputs)
 
     def _finish(self, call: "_Call", outputs: tuple) -> tuple[np.ndarray, np.ndarray]:
         """Wait for a started call and fetch its results. The wait polls, so that Ctrl-C takes

@@ -1,14 +1,13 @@
 """The random pipelines sdmagic builds itself, with no download: `tiny` on disk, full sizes in memory.
 
-`tiny` (tests, demos, a first image in seconds) is written once in diffusers' Flax layout and then
-loaded through exactly the same code path as a real model. `random_model("sd1")` gives the bench a
-full-size Stable Diffusion 1.x in memory.
+`tiny` (tests, demos, a first image in seconds) is written once in diffusers' PyTorch layout with
+safetensors, as model repos publish it, and then loaded through exactly the same code path as a
+real model. `random_model("sd1")` gives the bench a full-size Stable Diffusion 1.x in memory.
 
-Nothing here initialises a Flax module or compiles anything: the parameter shapes follow from the
-configs (the same arithmetic as diffusers' and transformers' `setup` methods) and the values come
-from numpy, one seeded generator per parameter. On 2 CPU cores `tiny` builds in a fraction of a
-second (Flax's init took about 30 s, nearly all XLA compiles) and SD 1.x's 1.07 B parameters in
-seconds rather than minutes.
+Nothing here traces or compiles anything: the parameter shapes follow from the configs (the nets'
+shape functions) and the values come from numpy, one seeded generator per parameter. On 2 CPU
+cores `tiny` builds in a fraction of a second (Flax's init took about 30 s, nearly all XLA
+compiles) and SD 1.x's 1.07 B parameters in seconds rather than minutes.
 """
 
 from __future__ import annotations
@@ -24,35 +23,22 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .compile_cache import sdmagic_home
-from .models import (
-    DTYPES,
-    CLIPConfig,
-    CLIPImageProcessor,
-    CLIPTextConfig,
-    CLIPTokenizer,
-    CLIPVisionConfig,
-    FlaxAutoencoderKL,
-    FlaxCLIPTextModel,
-    FlaxPNDMScheduler,
-    FlaxStableDiffusionPipeline,
-    FlaxUNet2DConditionModel,
-    LoadedModel,
-    _loaded,
-    _make_scheduler,
-    check_scheduler_name,
-    resolve_dtype,
-)
+from .convert import flax_to_pytorch
+from .model import StableDiffusion
+from .models import DTYPES, CHECKER_NONE, LoadedModel, check_scheduler_name, loaded, resolve_dtype
+from .nets import clip, safety, unet, vae
+from .tokenizer import CLIPTokenizer, write_byte_level_vocabulary
 
 # Part of the cache folder's name: bump it whenever the bytes written change, so that an old cache
-# is never mistaken for the current model (v1: Flax init; v2: numpy).
-TINY_VERSION = "2"
+# is never mistaken for the current model (v1: Flax init; v2: numpy; v3: PyTorch-layout safetensors).
+TINY_VERSION = "3"
 
 # A build still running after this many seconds says what it is doing (one line on stderr);
 # a fast or cached one prints nothing.
@@ -158,214 +144,20 @@ def announce_if_slow(message: str):
         timer.join()
 
 
-def _tiny_tokenizer(folder: Path) -> CLIPTokenizer:
-    """A byte-level CLIP tokenizer with no merges: every character is a token. Offline, exact."""
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+# Stable Diffusion's scheduler: PNDM (PLMS), scaled-linear betas (SD 2.x adds v-prediction).
+_SD_SCHEDULER = {
+    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1,
+    "prediction_type": "epsilon", "timestep_spacing": "leading", "trained_betas": None, "clip_sample": False,
+}
 
-    chars = list(bytes_to_unicode().values())
-    vocab_list = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab_list)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
-
-
-def _sd_scheduler(**overrides) -> Any:
-    """Stable Diffusion's scheduler: PNDM (PLMS), scaled-linear betas (SD 2.x adds v-prediction)."""
-    return FlaxPNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        num_train_timesteps=1000, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, **overrides,
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Parameter shapes from the configs: {name: {... name: shape}} in Flax's naming
-# ----------------------------------------------------------------------------------------------
-
-
-def _conv(c_in: int, c_out: int, size: int = 3, bias: bool = True) -> dict:
-    return {"kernel": (size, size, c_in, c_out), **({"bias": (c_out,)} if bias else {})}
-
-
-def _dense(c_in: int, c_out: int, bias: bool = True) -> dict:
-    return {"kernel": (c_in, c_out), **({"bias": (c_out,)} if bias else {})}
-
-
-def _norm(channels: int) -> dict:
-    return {"scale": (channels,), "bias": (channels,)}
-
-
-def _resnet(c_in: int, c_out: int, temb: int | None) -> dict:
-    """diffusers' FlaxResnetBlock2D (UNet, with a time embedding) or the VAE's (temb None)."""
-    shapes = {"norm1": _norm(c_in), "conv1": _conv(c_in, c_out)}
-    if temb is not None:
-        shapes["time_emb_proj"] = _dense(temb, c_out)
-    shapes.update(norm2=_norm(c_out), conv2=_conv(c_out, c_out))
-    if c_in != c_out:
-        shapes["conv_shortcut"] = _conv(c_in, c_out, 1)
-    return shapes
-
-
-def _transformer(channels: int, heads: int, depth: int, context: int, linear: bool, only_cross: bool) -> dict:
-    """diffusers' FlaxTransformer2DModel: head size channels // heads, GEGLU feed-forward."""
-    inner = heads * (channels // heads)
-    projection = _dense(channels, inner) if linear else _conv(channels, inner, 1)
-
-    def attention(kv_in: int) -> dict:
-        return {"to_q": _dense(inner, inner, False), "to_k": _dense(kv_in, inner, False),
-                "to_v": _dense(kv_in, inner, False), "to_out_0": _dense(inner, inner)}
-
-    block = {
-        "attn1": attention(context if only_cross else inner), "attn2": attention(context),
-        "ff": {"net_0": {"proj": _dense(inner, inner * 8)}, "net_2": _dense(inner * 4, inner)},
-        "norm1": _norm(inner), "norm2": _norm(inner), "norm3": _norm(inner),
-    }
-    return {
-        "norm": _norm(channels), "proj_in": projection,
-        **{f"transformer_blocks_{i}": block for i in range(depth)},
-        "proj_out": _dense(inner, inner) if linear else _conv(inner, inner, 1),
-    }
-
-
-def _per_block(value: Any, blocks: int) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value] * blocks
-
-
-def unet_shapes(config: dict) -> dict:
-    """FlaxUNet2DConditionModel's parameter shapes for `config` (as its config.json)."""
-    if config.get("addition_embed_type") is not None or config.get("num_attention_heads") is not None:
-        raise ValueError("random UNets support neither addition embeddings nor num_attention_heads")
-    channels = list(config["block_out_channels"])
-    n = len(channels)
-    temb = channels[0] * 4
-    heads = _per_block(config["attention_head_dim"], n)  # diffusers' historical name for the head count
-    depth = _per_block(config.get("transformer_layers_per_block", 1), n)
-    only_cross = _per_block(config.get("only_cross_attention", False), n)
-    context, layers = config["cross_attention_dim"], config["layers_per_block"]
-    linear = config.get("use_linear_projection", False)
-
-    shapes = {
-        "conv_in": _conv(config["in_channels"], channels[0]),
-        "time_embedding": {"linear_1": _dense(channels[0], temb), "linear_2": _dense(temb, temb)},
-    }
-    out = channels[0]
-    for i, kind in enumerate(config["down_block_types"]):
-        c_in, out = out, channels[i]
-        block = {}
-        for j in range(layers):
-            block[f"resnets_{j}"] = _resnet(c_in if j == 0 else out, out, temb)
-            if kind == "CrossAttnDownBlock2D":
-                block[f"attentions_{j}"] = _transformer(out, heads[i], depth[i], context, linear, only_cross[i])
-        if i < n - 1:
-            block["downsamplers_0"] = {"conv": _conv(out, out)}
-        shapes[f"down_blocks_{i}"] = block
-    if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") is not None:
-        c = channels[-1]
-        shapes["mid_block"] = {
-            "resnets_0": _resnet(c, c, temb),
-            "attentions_0": _transformer(c, heads[-1], depth[-1], context, linear, False),
-            "resnets_1": _resnet(c, c, temb),
-        }
-    reversed_channels, reversed_heads = channels[::-1], heads[::-1]
-    reversed_depth, reversed_cross = depth[::-1], only_cross[::-1]
-    out = reversed_channels[0]
-    for i, kind in enumerate(config["up_block_types"]):
-        prev, out = out, reversed_channels[i]
-        skip_in = reversed_channels[min(i + 1, n - 1)]
-        block = {}
-        for j in range(layers + 1):
-            skip = skip_in if j == layers else out
-            block[f"resnets_{j}"] = _resnet((prev if j == 0 else out) + skip, out, temb)
-            if kind == "CrossAttnUpBlock2D":
-                block[f"attentions_{j}"] = _transformer(
-                    out, reversed_heads[i], reversed_depth[i], context, linear, reversed_cross[i]
-                )
-        if i < n - 1:
-            block["upsamplers_0"] = {"conv": _conv(out, out)}
-        shapes[f"up_blocks_{i}"] = block
-    shapes["conv_norm_out"] = _norm(channels[0])
-    shapes["conv_out"] = _conv(channels[0], config["out_channels"])
-    return shapes
-
-
-def vae_shapes(config: dict) -> dict:
-    """FlaxAutoencoderKL's parameter shapes for `config` (as its config.json)."""
-    channels, layers, latent = list(config["block_out_channels"]), config["layers_per_block"], config["latent_channels"]
-    n, c = len(channels), channels[-1]
-
-    def attention(ch: int) -> dict:
-        return {"group_norm": _norm(ch), **{name: _dense(ch, ch) for name in ("query", "key", "value", "proj_attn")}}
-
-    mid = {"resnets_0": _resnet(c, c, None), "attentions_0": attention(c), "resnets_1": _resnet(c, c, None)}
-    encoder = {"conv_in": _conv(config["in_channels"], channels[0])}
-    out = channels[0]
-    for i in range(n):
-        c_in, out = out, channels[i]
-        block = {f"resnets_{j}": _resnet(c_in if j == 0 else out, out, None) for j in range(layers)}
-        if i < n - 1:
-            block["downsamplers_0"] = {"conv": _conv(out, out)}
-        encoder[f"down_blocks_{i}"] = block
-    encoder.update(mid_block=mid, conv_norm_out=_norm(c), conv_out=_conv(c, 2 * latent))
-    decoder = {"conv_in": _conv(latent, c), "mid_block": mid}
-    out = c
-    for i, ch in enumerate(channels[::-1]):
-        prev, out = out, ch
-        block = {f"resnets_{j}": _resnet(prev if j == 0 else out, out, None) for j in range(layers + 1)}
-        if i < n - 1:
-            block["upsamplers_0"] = {"conv": _conv(out, out)}
-        decoder[f"up_blocks_{i}"] = block
-    decoder.update(conv_norm_out=_norm(channels[0]), conv_out=_conv(channels[0], config["out_channels"]))
-    return {
-        "encoder": encoder, "decoder": decoder,
-        "quant_conv": _conv(2 * latent, 2 * latent, 1), "post_quant_conv": _conv(latent, latent, 1),
-    }
-
-
-def _clip_encoder(config: Any) -> dict:
-    h, mlp = config.hidden_size, config.intermediate_size
-    layer = {
-        "layer_norm1": _norm(h),
-        "self_attn": {name: _dense(h, h) for name in ("q_proj", "k_proj", "v_proj", "out_proj")},
-        "layer_norm2": _norm(h),
-        "mlp": {"fc1": _dense(h, mlp), "fc2": _dense(mlp, h)},
-    }
-    return {"layers": {str(i): layer for i in range(config.num_hidden_layers)}}
-
-
-def clip_text_shapes(config: Any) -> dict:
-    """FlaxCLIPTextModel's parameter shapes for a CLIPTextConfig."""
-    h = config.hidden_size
-    return {"text_model": {
-        "embeddings": {
-            "token_embedding": {"embedding": (config.vocab_size, h)},
-            "position_embedding": {"embedding": (config.max_position_embeddings, h)},
-        },
-        "encoder": _clip_encoder(config),
-        "final_layer_norm": _norm(h),
-    }}
-
-
-def safety_checker_shapes(config: Any) -> dict:
-    """diffusers' Flax safety checker (a CLIP vision tower and 17 + 3 concepts) for a CLIPConfig."""
-    vision = config.vision_config
-    h, patch = vision.hidden_size, vision.patch_size
-    return {
-        "vision_model": {"vision_model": {
-            "embeddings": {
-                "class_embedding": (h,),
-                "patch_embedding": _conv(vision.num_channels, h, patch, bias=False),
-                "position_embedding": {"embedding": ((vision.image_size // patch) ** 2 + 1, h)},
-            },
-            "pre_layrnorm": _norm(h),  # sic: transformers' name
-            "encoder": _clip_encoder(vision),
-            "post_layernorm": _norm(h),
-        }},
-        "visual_projection": _dense(h, config.projection_dim, False),
-        "concept_embeds": (17, config.projection_dim),
-        "special_care_embeds": (3, config.projection_dim),
-        "concept_embeds_weights": (17,),
-        "special_care_embeds_weights": (3,),
-    }
+# CLIPImageProcessor's settings as SD's feature_extractor/preprocessor_config.json has them.
+_PREPROCESSOR = {
+    "crop_size": {"height": 224, "width": 224}, "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True,
+    "do_rescale": True, "do_resize": True, "image_mean": list(safety.CLIP_MEAN), "image_std": list(safety.CLIP_STD),
+    "image_processor_type": "CLIPImageProcessor", "resample": 3, "rescale_factor": 1 / 255,
+    "size": {"shortest_edge": 224},
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,61 +230,60 @@ def random_params(shapes: dict, seed: int, component: str, dtype: Any = np.float
 
 @dataclass
 class _Parts:
-    """A random pipeline's components without weights: configs, tokenizer, scheduler."""
+    """A random pipeline's config files (as dicts, the way they are written to disk) and tokenizer."""
 
-    unet: Any  # FlaxUNet2DConditionModel (a module definition; nothing initialised)
-    vae: Any  # FlaxAutoencoderKL
-    text_config: Any  # CLIPTextConfig
-    tokenizer: Any
-    scheduler: Any
-    feature_extractor: Any
+    unet: dict
+    vae: dict
+    text: dict
+    scheduler: dict
+    tokenizer: CLIPTokenizer
+
+    def model(self) -> StableDiffusion:
+        return StableDiffusion(
+            text=clip.TextConfig.from_dict(self.text), unet=unet.UNetConfig.from_dict(self.unet),
+            vae=vae.VAEConfig.from_dict(self.vae), tokenizer=self.tokenizer,
+        )
 
 
-def _parts(arch: str, tokenizer_dir: Path, dtype: Any) -> _Parts:
+def _parts(arch: str, tokenizer_dir: Path) -> _Parts:
     if arch not in RANDOM_ARCHITECTURES:
         raise ValueError(f"unknown random architecture {arch!r}: use one of {', '.join(RANDOM_ARCHITECTURES)}")
     spec = RANDOM_ARCHITECTURES[arch]
-    tokenizer = _tiny_tokenizer(tokenizer_dir)
-    text_config = CLIPTextConfig(
-        **{"vocab_size": len(tokenizer), **spec["text"]},
-        max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return _Parts(
-        unet=FlaxUNet2DConditionModel(in_channels=4, out_channels=4, dtype=dtype, **spec["unet"]),
-        vae=FlaxAutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, dtype=dtype, **spec["vae"]),
-        text_config=text_config,
-        tokenizer=tokenizer,
-        scheduler=_sd_scheduler(**spec.get("scheduler", {})),
-        feature_extractor=CLIPImageProcessor(
-            crop_size={"height": 224, "width": 224}, size={"shortest_edge": 224}, do_convert_rgb=True
-        ),
-    )
-
-
-def _weights(parts: _Parts, seed: int, dtype: Any = np.float32) -> dict:
-    return {
-        "unet": random_params(unet_shapes(dict(parts.unet.config)), seed, "unet", dtype),
-        "vae": random_params(vae_shapes(dict(parts.vae.config)), seed, "vae", dtype),
-        "text_encoder": random_params(clip_text_shapes(parts.text_config), seed, "text_encoder", dtype),
+    write_byte_level_vocabulary(tokenizer_dir)
+    tokenizer = CLIPTokenizer.from_folder(tokenizer_dir)
+    text = {
+        "_name_or_path": "", "architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+        "vocab_size": len(tokenizer), "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5, "projection_dim": 512, "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, **spec["text"],
     }
-
-
-def _in_memory_pipeline(parts: _Parts, dtype: Any) -> Any:
-    # _do_init=False: the text encoder's shapes are traced (no compile), its weights come from us.
-    text_encoder = FlaxCLIPTextModel(parts.text_config, _do_init=False, dtype=dtype)
-    return FlaxStableDiffusionPipeline(
-        vae=parts.vae, text_encoder=text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
-        scheduler=parts.scheduler, safety_checker=None, feature_extractor=parts.feature_extractor, dtype=dtype,
+    return _Parts(
+        unet={"_class_name": "UNet2DConditionModel", "in_channels": 4, "out_channels": 4, **_lists(spec["unet"])},
+        vae={"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+             **_lists(spec["vae"])},
+        text=text,
+        scheduler={**_SD_SCHEDULER, **spec.get("scheduler", {})},
+        tokenizer=tokenizer,
     )
+
+
+def _lists(config: dict) -> dict:
+    """Tuples as JSON lists, as config files hold them."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+
+
+def _weights(model: StableDiffusion, seed: int, dtype: Any = np.float32) -> dict:
+    return {
+        "unet": random_params(unet.unet_shapes(model.unet), seed, "unet", dtype),
+        "vae": random_params(vae.vae_shapes(model.vae), seed, "vae", dtype),
+        "text_encoder": random_params(clip.text_shapes(model.text), seed, "text_encoder", dtype),
+    }
 
 
 def random_model(
     arch: str = "sd1", *, dtype: str = "float32", scheduler: str | None = None, seed: int = 0
 ) -> LoadedModel:
-    """A randomly initialised pipeline of a real architecture, in memory: for benchmarks, no download.
+    """A randomly initialised model of a real architecture, in memory: for benchmarks, no download.
 
     No safety checker; the parameters are host arrays in `dtype`, as `load_model` gives them.
     """
@@ -501,91 +292,87 @@ def random_model(
     start = time.perf_counter()
     with announce_if_slow(f"sdmagic: building a random {arch} model in memory ({dtype})..."):
         with tempfile.TemporaryDirectory() as tokenizer_dir:
-            parts = _parts(arch, Path(tokenizer_dir), DTYPES[dtype])
+            parts = _parts(arch, Path(tokenizer_dir))
+        model = parts.model()
         # Drawn in float32 and cast leaf by leaf: the peak is the model in `dtype`, not in float32.
-        weights = _weights(parts, seed, DTYPES[dtype])
-        pipeline = _in_memory_pipeline(parts, DTYPES[dtype])
-    return _loaded(f"random {arch}", "memory", pipeline, weights, scheduler, dtype, start)
-
-
-def with_scheduler(model: LoadedModel, scheduler: str) -> LoadedModel:
-    """The same modules and host parameters with another scheduler (built from the model's config)."""
-    check_scheduler_name(scheduler)
-    sched, state, name = _make_scheduler(scheduler, model.pipeline.scheduler)
-    return replace(model, scheduler=sched, scheduler_state=state, scheduler_name=name)
+        weights = _weights(model, seed, DTYPES[dtype])
+    return loaded(f"random {arch}", "memory", model, weights, parts.scheduler, parts.scheduler["_class_name"],
+                  scheduler, dtype, start, CHECKER_NONE)
 
 
 # ----------------------------------------------------------------------------------------------
-# Writing diffusers' Flax layout
+# Writing diffusers' layout with PyTorch-layout safetensors (what model repos publish)
 # ----------------------------------------------------------------------------------------------
 
 _INDEX_ENTRIES = {
     "feature_extractor": ["transformers", "CLIPImageProcessor"],
-    "scheduler": ["diffusers", "FlaxPNDMScheduler"],
-    "text_encoder": ["transformers", "FlaxCLIPTextModel"],
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
     "tokenizer": ["transformers", "CLIPTokenizer"],
-    "unet": ["diffusers", "FlaxUNet2DConditionModel"],
-    "vae": ["diffusers", "FlaxAutoencoderKL"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
 }
 
 
-def _write_msgpack(path: Path, params: dict) -> None:
-    from flax.serialization import msgpack_serialize
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _write_safetensors(path: Path, params: dict, *, diffusers_names: bool) -> None:
+    from safetensors.numpy import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(msgpack_serialize(params))
+    state = {k: np.ascontiguousarray(v) for k, v in flax_to_pytorch(params, diffusers_names=diffusers_names).items()}
+    save_file(state, str(path), metadata={"format": "pt"})
 
 
-def _write_folder(folder: Path, parts: _Parts, weights: dict, safety: tuple[Any, dict] | None) -> None:
-    """The files FlaxStableDiffusionPipeline.save_pretrained writes, from configs and numpy weights."""
-    from diffusers import __version__ as diffusers_version
-
+def _write_folder(folder: Path, parts: _Parts, weights: dict, checker: tuple[dict, dict] | None) -> None:
+    """The files a diffusers `save_pretrained` writes (PyTorch-layout safetensors), from configs and numpy weights."""
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("unet", "vae"):
-        getattr(parts, name).save_config(str(folder / name))
-        _write_msgpack(folder / name / "diffusion_flax_model.msgpack", weights[name])
-    # transformers' save_pretrained names the architecture without "Flax"; configs only here.
-    text_config = CLIPTextConfig.from_dict(parts.text_config.to_dict())
-    text_config.architectures = ["CLIPTextModel"]
-    text_config.save_pretrained(str(folder / "text_encoder"))
-    _write_msgpack(folder / "text_encoder" / "flax_model.msgpack", weights["text_encoder"])
-    parts.tokenizer.save_pretrained(str(folder / "tokenizer"))
-    parts.scheduler.save_config(str(folder / "scheduler"))
-    parts.feature_extractor.save_pretrained(str(folder / "feature_extractor"))
-    index = {"_class_name": "FlaxStableDiffusionPipeline", "_diffusers_version": diffusers_version, **_INDEX_ENTRIES}
-    index["safety_checker"] = [None, None]
-    if safety is not None:
-        config, params = safety
-        config.save_pretrained(str(folder / "safety_checker"))
-        _write_msgpack(folder / "safety_checker" / "flax_model.msgpack", params)
-        # Listed under diffusers' class name, as in real SD repos, so that any diffusers-layout
-        # reader sees the usual model_index.json.
-        index["safety_checker"] = ["stable_diffusion", "FlaxStableDiffusionSafetyChecker"]
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        _write_json(folder / name / "config.json", getattr(parts, name))
+        _write_safetensors(folder / name / "diffusion_pytorch_model.safetensors", weights[name], diffusers_names=True)
+    _write_json(folder / "text_encoder" / "config.json", parts.text)
+    _write_safetensors(folder / "text_encoder" / "model.safetensors", weights["text_encoder"], diffusers_names=False)
+    _write_json(folder / "scheduler" / "scheduler_config.json", parts.scheduler)
+    _write_json(folder / "feature_extractor" / "preprocessor_config.json", _PREPROCESSOR)
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.39.0", **_INDEX_ENTRIES,
+             "safety_checker": [None, None], "requires_safety_checker": checker is not None}
+    if checker is not None:
+        config, params = checker
+        _write_json(folder / "safety_checker" / "config.json", config)
+        _write_safetensors(folder / "safety_checker" / "model.safetensors", params, diffusers_names=False)
+        # Listed under diffusers' class name, as in real SD repos.
+        index["safety_checker"] = ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    _write_json(folder / "model_index.json", index)
 
 
 def write_random_model(folder: Path, arch: str, *, seed: int = 0) -> Path:
-    """Write a random pipeline of `arch` (no safety checker) in diffusers' Flax layout, as tests need."""
+    """Write a random pipeline of `arch` (no safety checker) in diffusers' layout, as tests need."""
     folder = Path(folder)
-    parts = _parts(arch, folder / "tokenizer", np.float32)
-    _write_folder(folder, parts, _weights(parts, seed), safety=None)
+    parts = _parts(arch, folder / "tokenizer")
+    _write_folder(folder, parts, _weights(parts.model(), seed), checker=None)
     return folder
 
 
 def write_tiny_model(folder: Path, *, seed: int = 0) -> Path:
-    """Write a miniature, randomly initialised SD 1.x-shaped pipeline in diffusers' Flax layout.
+    """Write a miniature, randomly initialised SD 1.x-shaped pipeline in diffusers' layout.
 
-    The shapes follow diffusers' own Flax tests: a 2-level UNet (32/64 channels) on 32x32 latents,
-    a 2-level VAE (so 64x64 images), a 2-layer CLIP text encoder and a tiny CLIP safety checker
-    whose concept thresholds are set so that it flags nothing by default.
+    The shapes follow diffusers' own tests: a 2-level UNet (32/64 channels) on 32x32 latents, a
+    2-level VAE (so 64x64 images), a 2-layer CLIP text encoder and a tiny CLIP safety checker whose
+    concept thresholds are set so that it flags nothing by default.
     """
     folder = Path(folder)
-    parts = _parts("tiny", folder / "tokenizer", np.float32)
-    safety_config = CLIPConfig(
-        text_config=parts.text_config.to_dict(), vision_config=CLIPVisionConfig(**_TINY_VISION).to_dict(),
-        projection_dim=_TINY_VISION["projection_dim"],
-    )
-    safety_config.architectures = ["StableDiffusionSafetyChecker"]
-    safety_params = random_params(safety_checker_shapes(safety_config), seed, "safety_checker")
-    _write_folder(folder, parts, _weights(parts, seed), safety=(safety_config, safety_params))
+    parts = _parts("tiny", folder / "tokenizer")
+    checker_config = {
+        "architectures": ["StableDiffusionSafetyChecker"], "model_type": "clip",
+        "projection_dim": _TINY_VISION["projection_dim"],
+        "text_config": {k: v for k, v in parts.text.items() if k not in ("architectures", "_name_or_path")},
+        "vision_config": {"model_type": "clip_vision_model", "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+                          "num_channels": 3, **_TINY_VISION},
+    }
+    checker_params = random_params(safety.safety_shapes(safety.SafetyConfig.from_dict(checker_config)), seed,
+                                   "safety_checker")
+    _write_folder(folder, parts, _weights(parts.model(), seed), checker=(checker_config, checker_params))
     return folder

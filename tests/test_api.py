@@ -210,7 +210,7 @@ def test_setup_again_replaces_and_frees_the_old_session(tiny_dir):
     "kwargs, message",
     [
         (dict(dtype="float8"), "unknown dtype 'float8'"),
-        (dict(scheduler="euler"), "unknown scheduler 'euler'"),
+        (dict(scheduler="heun"), "unknown scheduler 'heun'"),
         (dict(model=""), "needs a Hub id"),
     ],
 )
@@ -271,10 +271,11 @@ def test_unknown_hub_id_offline_fails_fast_with_what_to_do(monkeypatch, tmp_path
 
 
 def test_lms_coefficients_integrate_the_lagrange_basis():
-    from sdmagic.schedulers import _lms_coefficients
+    from sdmagic.schedulers import LMS, _lms_coefficients
 
     sigmas = np.array([14.6, 7.0, 3.1, 1.2, 0.4, 0.0])
-    coefficients = _lms_coefficients(sigmas, 5)
+    coefficients = _lms_coefficients(sigmas, 5, LMS.order)
+    assert coefficients.shape == (5, 4)
     # The basis sums to 1, so each row integrates to the step's length; step 0 is plain Euler.
     np.testing.assert_allclose(coefficients.sum(axis=1), np.diff(sigmas), rtol=1e-12)
     np.testing.assert_allclose(coefficients[0], [sigmas[1] - sigmas[0], 0, 0, 0])
@@ -329,13 +330,13 @@ def test_hub_failures_say_what_to_do(monkeypatch, error, message):
     import huggingface_hub
     from huggingface_hub import errors
 
-    from sdmagic import models
+    from sdmagic import sources
 
     def fail(*args, **kwargs):
         cls = getattr(errors, error)
         raise cls("upstream text") if error == "LocalEntryNotFoundError" else cls("upstream text", response=None)
 
-    monkeypatch.setattr(models, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(sources, "_hub_reachable", lambda: True)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
     with pytest.raises(SDMagicError, match=message) as info:
         sdmagic.setup("someone/some-model", revision="nope")

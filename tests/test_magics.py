@@ -124,7 +124,7 @@ def test_sd_errors_are_usage_errors(shell, line, body, message):
     "line, message",
     [
         ("--dtype float8", "unknown dtype"),
-        ("--scheduler euler", "unknown scheduler"),
+        ("--scheduler heun", "unknown scheduler"),
         ("--model ./does/not/exist", "does not exist"),
         ("--devices 0", "--devices must be at least 1"),
         ("--nope", "unrecognized arguments"),
