@@ -8,8 +8,13 @@ upstream modules take them as they are. Needs the `reference` extra (diffusers, 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
+
+# Upstream's "Flax classes are deprecated" notices (some at import time): nothing to act on here.
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from sdmagic.tokenizer import write_byte_level_vocabulary
 
@@ -26,12 +31,6 @@ def seed_pipeline(configs: dict, tokenizer_dir: Path | None = None, dtype=None):
     from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel
 
     import jax.numpy as jnp
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    # Upstream's "Flax classes are deprecated" notices, once per module built: nothing to act on here.
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
     dtype = dtype or jnp.float32
     strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
     unet = FlaxUNet2DConditionModel.from_config(strip(configs["unet"]), dtype=dtype)

@@ -290,6 +290,55 @@ def check_clip_encoder(c: Config, *, vision: bool) -> None:
                 c.int(key, 0, vocab - 1)
 
 
+# Resize and crop sides of the safety checker's preprocessing: its resampling tables grow with them.
+MAX_PREPROCESS_SIDE = 1024
+PILLOW_BICUBIC = 3
+
+
+def _pixel_size(c: Config, key: str, *, shortest_edge: bool) -> None:
+    """A size as transformers' get_size_dict reads it: a number, [height, width] or a dict
+    ({"shortest_edge": n} only where the processor resizes by the shortest edge)."""
+    value = c.get(key)
+    if value is None:
+        return  # CLIPImageProcessor's default
+    if isinstance(value, dict):
+        names = ("shortest_edge",) if shortest_edge and "shortest_edge" in value else ("height", "width")
+        sides = [value.get(name) for name in names]
+    elif isinstance(value, list):
+        sides = value if len(value) == 2 else [None]
+    else:
+        sides = [value]
+    if not all(is_int(side) and 1 <= side <= MAX_PREPROCESS_SIDE for side in sides):
+        shapes = '{"shortest_edge": n}, ' if shortest_edge else ""
+        raise c.fail(key, f"it must be a number of pixels from 1 to {MAX_PREPROCESS_SIDE}, [height, width],"
+                          f' {shapes}or {{"height": h, "width": w}}')
+
+
+def check_preprocessor_config(c: Config) -> None:
+    """The feature extractor settings the safety checker's preprocessing (nets/safety.py) reads,
+    bounded: resize and crop sides in pixels, three means, three positive deviations, and the steps
+    it always takes (a bicubic resize, a centre crop) not switched off."""
+    _pixel_size(c, "size", shortest_edge=True)
+    _pixel_size(c, "crop_size", shortest_edge=False)
+    for key, positive in (("image_mean", False), ("image_std", True)):
+        value = c.get(key)
+        values = [value] * 3 if is_number(value) else value
+        usable = isinstance(values, list) and len(values) == 3 and all(is_number(v) for v in values)
+        if value is not None and not (usable and (not positive or all(v > 0 for v in values))):
+            raise c.fail(key, f"it must be a number or a list of 3{' above 0' if positive else ''}")
+    c.number("rescale_factor", 1e-6, 1.0, 1 / 255)
+    for key in ("do_rescale", "do_normalize", "do_convert_rgb"):
+        c.flag(key, True)
+    for key in ("do_resize", "do_center_crop"):
+        if not c.flag(key, True):
+            raise c.fail(key, "sdmagic always resizes and centre-crops the safety checker's input, as Stable"
+                              " Diffusion's feature extractors do")
+    resample = c.get("resample", PILLOW_BICUBIC)
+    if not (is_int(resample) and resample == PILLOW_BICUBIC):
+        raise c.fail("resample", f"sdmagic resizes with Pillow's bicubic filter ({PILLOW_BICUBIC}), as CLIP's"
+                                 " preprocessing does")
+
+
 def read_scheduler_config(folder: Path, label: str, index: dict | None) -> tuple[dict, str]:
     """The scheduler config's checked settings, and the diffusers class it names (without "Flax")."""
     where = f"{label}/scheduler/scheduler_config.json"

@@ -26,6 +26,7 @@ from .configs import (
     MAX_VOCABULARY_BYTES,
     Config,
     check_clip_encoder,
+    check_preprocessor_config,
     check_unet_config,
     check_vae_config,
     is_int,
@@ -192,14 +193,15 @@ def _tokenizer(folder: Path, label: str, text: clip.TextConfig) -> CLIPTokenizer
     # transformers' default for a missing value is 10**30; the text encoder's length is what SD means.
     max_length = settings.int("model_max_length", 1, positions, positions)
     errors = settings.choice("errors", ("replace", "strict", "ignore"), "replace")
-    tokens = {key: settings.get(key) for key in _SPECIAL_TOKENS if settings.get(key) is not None}
+    # Each special token with the file it came from, so that a complaint names the right one.
+    tokens = {key: (settings.get(key), where) for key in _SPECIAL_TOKENS if settings.get(key) is not None}
     # As transformers does: without `added_tokens_decoder`, special_tokens_map.json has the last word.
     special_map = part / "special_tokens_map.json"
     if "added_tokens_decoder" not in settings.data and special_map.exists():
         map_where = f"{label}/tokenizer/special_tokens_map.json"
         mapped = Config(read_json(special_map, map_where), map_where)
-        tokens.update({key: mapped.get(key) for key in _SPECIAL_TOKENS if mapped.get(key) is not None})
-    specials = {key: _special_token(value, where, key) for key, value in tokens.items()}
+        tokens.update({key: (mapped.get(key), map_where) for key in _SPECIAL_TOKENS if mapped.get(key) is not None})
+    specials = {key: _special_token(value, source, key) for key, (value, source) in tokens.items()}
     vocab_where = f"{label}/tokenizer/vocab.json"
     vocab = read_json(part / "vocab.json", vocab_where, MAX_VOCABULARY_BYTES)
     # An id past the text encoder's embedding table would be clamped silently by the lookup.
@@ -234,6 +236,8 @@ def _components(folder: Path, label: str, with_checker: bool) -> tuple[StableDif
         extractor = folder / "feature_extractor" / "preprocessor_config.json"
         where = f"{label}/feature_extractor/preprocessor_config.json"
         raw = read_json(extractor, where) if (folder / "feature_extractor").is_dir() else None
+        if raw is not None:
+            check_preprocessor_config(Config(raw, where))
         try:
             preprocess = safety.Preprocess.from_dict(raw)
         except (TypeError, ValueError, KeyError) as err:
@@ -263,8 +267,9 @@ def _check_parts_fit(model: StableDiffusion, label: str) -> None:
         )
     context = set(u.cross_attention_dim) if isinstance(u.cross_attention_dim, tuple) else {u.cross_attention_dim}
     if context != {t.hidden_size}:
+        widths = next(iter(context)) if len(context) == 1 else list(u.cross_attention_dim)
         raise ModelLoadError(
-            f"{label}: unet/config.json has cross_attention_dim={shown(u.cross_attention_dim)} but the text encoder's"
+            f"{label}: unet/config.json has cross_attention_dim={shown(widths)} but the text encoder's"
             f" hidden_size is {t.hidden_size}: the two do not belong together"
         )
     spec = model.spec

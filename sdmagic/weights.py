@@ -10,6 +10,7 @@ unless the user trusts the file, and then read only by torch's weights_only load
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable
@@ -76,9 +77,15 @@ def torch_load(path: Path) -> dict[str, np.ndarray]:
             " installed: pip install torch (the CPU build is enough), or convert the file to safetensors"
         ) from None
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols say nothing a user can act on
+            warnings.simplefilter("ignore")
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # weights_only refuses anything but tensors and plain containers
-        raise ModelLoadError(f"torch's weights_only loader refused {name}: {printable(err)}") from None
+        # torch's message is a page long; the line that names what it refused is the useful one.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "Unsupported global" in line or "Unsupported operand" in line),
+                      lines[0] if lines else type(err).__name__)
+        raise ModelLoadError(f"torch's weights_only loader refused {name}: {printable(reason)}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -133,7 +140,9 @@ def msgpack_reader(path: Path, shapes: Any, what: str, dtype: Any) -> Callable[[
             with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
                 params = msgpack_restore(data)
         except Exception as err:  # noqa: BLE001 - msgpack raises a variety of types on a broken file
-            raise ModelLoadError(f"could not read {what} as Flax msgpack: {printable(err)}") from None
+            # msgpack's errors for a junk byte can have no text: the type still says what broke.
+            problem = printable(err) or type(err).__name__
+            raise ModelLoadError(f"could not read {what} as Flax msgpack: {problem}") from None
         check_flax_tree(params, shapes, what)
         return cast_floats(params, dtype)
 

@@ -17,22 +17,31 @@ import numpy as np
 import pytest
 
 import sdmagic
-from sdmagic import models
+from sdmagic import models, sources
 from sdmagic.errors import ModelLoadError, SDMagicError
 
+UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+VAE_WEIGHTS = "vae/diffusion_pytorch_model.safetensors"
+UNET_MSGPACK = "unet/diffusion_flax_model.msgpack"
 
 
 def tiny_copy(tiny_dir, target):
-    """A copy of the tiny model whose weights are links (nothing here writes to them)."""
+    """A copy of the tiny model whose weights are links: a test that changes a weight file replaces
+    the link (`replace_file`), never writes through it into the shared tiny model."""
 
     def link_weights(src, dst):
-        if src.endswith(".msgpack"):
+        if src.endswith((".safetensors", ".msgpack")):
             os.symlink(src, dst)
         else:
             shutil.copy2(src, dst)
 
     shutil.copytree(tiny_dir, target, copy_function=link_weights)
     return target
+
+
+def replace_file(path, data):
+    path.unlink()
+    path.write_bytes(data)
 
 
 def edit_json(path, change):
@@ -138,7 +147,7 @@ def without_checker(tiny_dir, target, keep_extractor=False):
     return folder
 
 
-def test_a_flax_folder_without_a_safety_checker_loads_and_draws(tiny_dir, tmp_path):
+def test_a_folder_without_a_safety_checker_loads_and_draws(tiny_dir, tmp_path):
     folder = without_checker(tiny_dir, tmp_path / "no-checker")
     for wanted in (True, False):
         model = models.load_model(str(folder), safety_checker=wanted)
@@ -159,8 +168,15 @@ def test_safety_checker_states(tiny_dir, tmp_path):
     edit_json(folder / "model_index.json", lambda index: {**index, "feature_extractor": [None, None]})
     model = models.load_model(str(folder))
     assert model.safety_checker_state == "on"
-    assert model.feature_extractor.crop_size == {"height": 224, "width": 224}
-    assert model.feature_extractor.size == {"shortest_edge": 224}
+    from transformers import CLIPImageProcessor
+
+    standard = CLIPImageProcessor()  # what transformers preprocesses with when given no settings
+    preprocess = model.model.preprocess
+    assert standard.size == {"shortest_edge": preprocess.shortest_edge} and preprocess.size is None
+    assert standard.crop_size == {"height": preprocess.crop_height, "width": preprocess.crop_width} == {
+        "height": 224, "width": 224}
+    assert (standard.rescale_factor, tuple(standard.image_mean), tuple(standard.image_std)) == (
+        preprocess.rescale_factor, preprocess.image_mean, preprocess.image_std)
 
 
 # ------------------------------------------------------------------------------ hostile folders
@@ -190,14 +206,50 @@ def fifo(part_file):
 
 
 def junk_weights(path):
-    (path / "unet" / "diffusion_flax_model.msgpack").unlink()
-    (path / "unet" / "diffusion_flax_model.msgpack").write_bytes(b"\xc1junk" * 100)
+    replace_file(path / UNET_WEIGHTS, b"\xc1junk" * 100)
 
 
 def other_weights(path):
-    (path / "unet" / "diffusion_flax_model.msgpack").unlink()
-    os.symlink(path / "vae" / "diffusion_flax_model.msgpack", path / "unet" / "diffusion_flax_model.msgpack")
+    (path / UNET_WEIGHTS).unlink()
+    os.symlink(path / VAE_WEIGHTS, path / UNET_WEIGHTS)
 
+
+def flax_tree(folder, part, shapes):
+    """A component's weights in the layout of diffusers' Flax msgpack files."""
+    from safetensors.numpy import load_file
+
+    from sdmagic.convert import pytorch_to_flax
+    from sdmagic.weights import shape_structs
+
+    config = json.loads((folder / part / "config.json").read_text())
+    state = load_file(str(folder / part / "diffusion_pytorch_model.safetensors"))
+    return pytorch_to_flax(state, shape_structs(shapes(config)), diffusers_names=True, what=part)
+
+
+# A part that ships only Flax msgpack (as diffusers' Flax repos did) is read by the msgpack reader.
+def junk_msgpack(path):
+    (path / UNET_WEIGHTS).unlink()
+    (path / UNET_MSGPACK).write_bytes(b"\xc1junk" * 100)
+
+
+def other_msgpack(path):
+    from sdmagic.nets import vae
+    from sdmagic.weights import msgpack_serialize
+
+    (path / UNET_WEIGHTS).unlink()
+    vae_tree = flax_tree(path, "vae", lambda config: vae.vae_shapes(vae.VAEConfig.from_dict(config)))
+    (path / UNET_MSGPACK).write_bytes(msgpack_serialize(vae_tree))
+
+
+def without_special_tokens_map(change):
+    def changed(path):
+        (path / "tokenizer" / "special_tokens_map.json").unlink()
+        change(path)
+
+    return changed
+
+
+# Checks that sdmagic.configs.check_preprocessor_config makes; models.py does not call it yet.
 
 HOSTILE = [
     ("index is a list", write("model_index.json", "[1, 2]"), r"model_index.json is not a JSON object"),
@@ -217,7 +269,9 @@ HOSTILE = [
     ("layers as text", set_key("unet/config.json", "layers_per_block", "two"), r"layers_per_block=\"two\""),
     ("layers as a bool", set_key("unet/config.json", "layers_per_block", True), r"layers_per_block=true"),
     ("unknown block", set_key("unet/config.json", "down_block_types", ["DownBlock2D", "EvilBlock"]), r"down_block_types="),
-    ("unet and text mismatch", set_key("unet/config.json", "cross_attention_dim", 64), r"cross_attention_dim=64 .* hidden_size is 32"),
+    # The value as the file has it, or one per UNet level (the form sdmagic's config holds it in).
+    ("unet and text mismatch", set_key("unet/config.json", "cross_attention_dim", 64),
+     r"unet/config.json has cross_attention_dim=(64|\[64, 64\]) .* hidden_size is 32"),
     ("inpainting unet", set_key("unet/config.json", "in_channels", 9), r"UNet takes 9 channels"),
     ("unet class name", set_key("unet/config.json", "_class_name", "os.system"), r"unet/config.json names class \"os.system\""),
     ("vae groups", set_key("vae/config.json", "norm_num_groups", 0), r"norm_num_groups=0"),
@@ -230,25 +284,43 @@ HOSTILE = [
     ("max length absurd", set_key("tokenizer/tokenizer_config.json", "model_max_length", 10**9), r"model_max_length=1000000000"),
     ("max length zero", set_key("tokenizer/tokenizer_config.json", "model_max_length", 0), r"model_max_length=0"),
     ("tokenizer class", set_key("tokenizer/tokenizer_config.json", "tokenizer_class", "m.payload.Evil"), r"tokenizer_class="),
-    ("special token", set_key("tokenizer/tokenizer_config.json", "eos_token", ["x"]), r"eos_token=\[\"x\"\]"),
+    # As in transformers, special_tokens_map.json has the last word: its tokens are the ones used.
+    ("special token", without_special_tokens_map(set_key("tokenizer/tokenizer_config.json", "eos_token", ["x"])),
+     r"tokenizer/tokenizer_config.json: eos_token=\[\"x\"\] is not usable"),
+    ("special token in the map", set_key("tokenizer/special_tokens_map.json", "eos_token", ["x"]),
+     r"eos_token=\[\"x\"\] is not usable"),
+    ("special token's file", set_key("tokenizer/special_tokens_map.json", "eos_token", ["x"]),
+     r"tokenizer/special_tokens_map.json: eos_token=\[\"x\"\]"),
     ("vocabulary a list", write("tokenizer/vocab.json", "[1]"), r"vocab.json is not a CLIP vocabulary"),
     ("vocabulary a FIFO", fifo("tokenizer/vocab.json"), r"vocab.json is missing \(or not a regular file\)"),
     ("config a FIFO", fifo("unet/config.json"), r"unet/config.json is missing \(or not a regular file\)"),
     ("beta schedule", set_key("scheduler/scheduler_config.json", "beta_schedule", "cosine"), r"beta_schedule=\"cosine\""),
     ("train steps", set_key("scheduler/scheduler_config.json", "num_train_timesteps", 0), r"num_train_timesteps=0"),
     ("trained betas", set_key("scheduler/scheduler_config.json", "trained_betas", "abc"), r"trained_betas=\"abc\""),
-    ("prediction", set_key("scheduler/scheduler_config.json", "prediction_type", "sample"), r"prediction_type=\"sample\""),
-    ("crop bigger than resize", set_key("feature_extractor/preprocessor_config.json", "crop_size", 1000),
-     r"crop_size=1000 .*must fit"),
+    ("prediction", set_key("scheduler/scheduler_config.json", "prediction_type", "x0"), r"prediction_type=\"x0\""),
+    # Some samplers predict from `sample`; PNDM, the model's own here, does not.
+    ("prediction the sampler lacks", set_key("scheduler/scheduler_config.json", "prediction_type", "sample"),
+     r"the pndm scheduler cannot use this model's scheduler config: .*prediction_type 'sample'"),
+    # A crop larger than the resize is padded, as in transformers; one the checker cannot read is not.
+    ("crop not the checker's size", set_key("feature_extractor/preprocessor_config.json", "crop_size", 1000),
+     r"feature_extractor crops 1000x1000 but the safety checker reads 224x224 images"),
+    ("resize absurd", set_key("feature_extractor/preprocessor_config.json", "size", {"shortest_edge": 10**9}),
+     r"preprocessor_config.json: size=\{\"shortest_edge\": 1000000000\} is not usable"),
+    ("deviation zero", set_key("feature_extractor/preprocessor_config.json", "image_std", [0.5, 0, 0.5]),
+     r"preprocessor_config.json: image_std=\[0.5, 0, 0.5\] is not usable"),
+    ("no centre crop", set_key("feature_extractor/preprocessor_config.json", "do_center_crop", False),
+     r"preprocessor_config.json: do_center_crop=false is not usable"),
     ("checker patches", lambda p: edit_json(p / "safety_checker" / "config.json",
                                             lambda c: {**c, "vision_config": {**c["vision_config"], "patch_size": 33}}),
      r"patch_size=33 .* divide image_size \(224\)"),
-    ("junk msgpack", junk_weights, r"could not read .*unet/diffusion_flax_model.msgpack as Flax msgpack"),
-    ("another part's msgpack", other_weights, r"unet/diffusion_flax_model.msgpack: \d+ weights missing"),
+    ("junk safetensors", junk_weights, r"diffusion_pytorch_model.safetensors is not a usable safetensors file"),
+    ("another part's safetensors", other_weights, r"unet/diffusion_pytorch_model.safetensors: \d+ weights missing"),
+    ("junk msgpack", junk_msgpack, r"could not read .*unet/diffusion_flax_model.msgpack as Flax msgpack: \w"),
+    ("another part's msgpack", other_msgpack, r"unet/diffusion_flax_model.msgpack: \d+ weights missing"),
 ]
 
 
-@pytest.mark.parametrize("change, message", [case[1:] for case in HOSTILE], ids=[case[0] for case in HOSTILE])
+@pytest.mark.parametrize("change, message", [pytest.param(*case[1:3], id=case[0], marks=case[3:]) for case in HOSTILE])
 def test_a_broken_or_hostile_folder_fails_in_one_line(tiny_dir, tmp_path, change, message):
     folder = tiny_copy(tiny_dir, tmp_path / "model")
     change(folder)
@@ -257,12 +329,60 @@ def test_a_broken_or_hostile_folder_fails_in_one_line(tiny_dir, tmp_path, change
     assert re.search(message, one_line_error(folder)), one_line_error(folder)
 
 
+@pytest.mark.parametrize("settings", [
+    {},  # transformers' defaults
+    # CompVis/stable-diffusion-v1-4's file (bare numbers) and stabilityai/stable-diffusion-2-1's (dicts).
+    {"crop_size": 224, "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True, "do_resize": True,
+     "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+     "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 224},
+    {"crop_size": {"height": 224, "width": 224}, "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True,
+     "do_rescale": True, "do_resize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+     "image_processor_type": "CLIPImageProcessor", "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3,
+     "rescale_factor": 0.00392156862745098, "size": {"shortest_edge": 224}},
+])
+def test_the_preprocessor_check_accepts_what_stable_diffusion_ships(settings):
+    from sdmagic.configs import Config, check_preprocessor_config
+
+    check_preprocessor_config(Config(settings, "feature_extractor/preprocessor_config.json"))
+
+
+def test_a_crop_larger_than_the_resize_loads_and_is_padded(tiny_dir, tmp_path):
+    from transformers import CLIPImageProcessor
+
+    from sdmagic.nets import safety
+
+    folder = tiny_copy(tiny_dir, tmp_path / "model")
+    settings_file = folder / "feature_extractor" / "preprocessor_config.json"
+    edit_json(settings_file, lambda c: {**c, "size": {"shortest_edge": 200}})
+    model = models.load_model(str(folder))
+    assert model.safety_checker_state == "on"
+    preprocess = model.model.preprocess
+    assert (preprocess.shortest_edge, preprocess.crop_height, preprocess.crop_width) == (200, 224, 224)
+    # transformers centres the 200-pixel side in the 224-pixel crop between zeros: so does sdmagic.
+    image = np.random.default_rng(3).integers(0, 256, (1, 64, 48, 3), dtype=np.uint8)
+    want = CLIPImageProcessor(**json.loads(settings_file.read_text()))(list(image), return_tensors="np")
+    got = np.asarray(safety.clip_pixels(image, preprocess))
+    np.testing.assert_array_equal(got, want["pixel_values"].transpose(0, 2, 3, 1))
+    black = (0 - np.asarray(preprocess.image_mean, np.float32)) / np.asarray(preprocess.image_std, np.float32)
+    np.testing.assert_array_equal(got[0, :, :12], np.broadcast_to(black, (224, 12, 3)))
+
+
 def test_a_bad_scheduler_swap_is_one_line(tiny_dir, tmp_path):
     folder = tiny_copy(tiny_dir, tmp_path / "model")
+    # A model whose own sampler (DDIM) predicts from `sample`, which PNDM cannot.
+    edit_json(folder / "scheduler" / "scheduler_config.json",
+              lambda c: {**c, "_class_name": "DDIMScheduler", "prediction_type": "sample"})
+    model = models.load_model(str(folder), safety_checker=False)
+    assert model.scheduler_name == "ddim"
+    message = one_line_error(folder, scheduler="pndm", safety_checker=False)
+    assert "pndm" in message and "does not support prediction_type 'sample'" in message
+    with pytest.raises(ModelLoadError, match="pndm scheduler cannot use") as info:
+        models.with_scheduler(model, "pndm")
+    assert "\n" not in str(info.value)
+    assert models.with_scheduler(model, "euler").scheduler_name == "euler"
+    # The cosine schedule, which the Flax-era LMS refused, every sampler now runs.
     edit_json(folder / "scheduler" / "scheduler_config.json", lambda c: {**c, "beta_schedule": "squaredcos_cap_v2"})
-    assert models.load_model(str(folder), safety_checker=False).scheduler_name == "pndm"
-    message = one_line_error(folder, scheduler="lms", safety_checker=False)
-    assert "lms" in message and "beta schedule 'squaredcos_cap_v2' is not supported" in message
+    assert models.load_model(str(folder), scheduler="lms", safety_checker=False).scheduler_name == "lms"
 
 
 def test_revision_with_tiny_or_a_folder_is_refused(tiny_dir):
@@ -291,7 +411,7 @@ def junk(path, size):
 target, tiny, size = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 if target == "folder":
     model = Path(sys.argv[4])
-    (model / "unet" / "diffusion_flax_model.msgpack").unlink()
+    (model / "unet" / "diffusion_pytorch_model.safetensors").unlink()  # a link to the tiny model's
     junk(model / "unet" / "diffusion_pytorch_model.safetensors", size)
 else:
     model = Path(sys.argv[4]) / "junk.safetensors"
@@ -327,22 +447,20 @@ def test_a_junk_safetensors_file_is_refused_from_its_header(tiny_dir, tmp_path, 
 
 
 def test_every_part_is_checked_before_any_tensor_is_read(tiny_dir, tmp_path, monkeypatch):
-    from test_weights import as_pytorch_layout
-
     from sdmagic import convert
 
-    folder = as_pytorch_layout(tiny_dir, tmp_path / "pt")
+    folder = tiny_copy(tiny_dir, tmp_path / "pt")
     reads = []
     real_read = convert.SafetensorsFile.read
     monkeypatch.setattr(convert.SafetensorsFile, "read",
                         lambda self, ref: reads.append((str(self.path), ref.key)) or real_read(self, ref))
     # The last part read (the safety checker) has one weight of the wrong shape.
-    from safetensors.numpy import load_file, save_file
+    from safetensors.numpy import load_file, save
 
     checker_file = folder / "safety_checker" / "model.safetensors"
     state = load_file(str(checker_file))
     state["concept_embeds"] = np.zeros((5, 5), np.float32)
-    save_file(state, str(checker_file))
+    replace_file(checker_file, save(state))
     message = one_line_error(folder)
     assert "concept_embeds" in message and "shape (5, 5)" in message
     assert reads == []  # the UNet, VAE and text encoder were checked, not read
@@ -398,7 +516,7 @@ class FakeHub:
         monkeypatch.setattr(_http, "get_session", lambda: self)
         monkeypatch.setattr(_http.time, "sleep", self.sleeps.append)
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-        monkeypatch.setattr(models, "_hub_reachable", lambda: True)
+        monkeypatch.setattr(sources, "_hub_reachable", lambda: True)
         self._requests_module = requests
 
     def request(self, method, url, **kwargs):
