@@ -20,13 +20,15 @@ def test_demo_notebook_runs_and_shows_images(tmp_path):
     nb = nbformat.read(executed, as_version=4)
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     results = [o for o in outputs if "<GenerationResult" in o.get("data", {}).get("text/plain", "")]
-    # one prompt on every device, 8 prompts, per-line options, the image made again from its PNG
-    assert [r["data"]["text/html"].count("<figcaption") for r in results] == [8, 8, 4, 1]
+    # one prompt on every device, 8 prompts, per-line options, the image made again from its PNG,
+    # Euler a's four images
+    assert [r["data"]["text/html"].count("<figcaption") for r in results] == [8, 8, 4, 1, 4]
     assert all("image/png" in r["data"] for r in results)
     streams = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "sdmagic: 8 x cpu" in streams and "images/s" in streams and "median of 3 runs" in streams
     assert "warm-up: 8 x 64x64, 25 pndm steps" in streams and "output/saved/" in streams
-    # Quiet: none of the frozen upstream's deprecation noise, no errors.
+    assert "model tiny (euler-a, float32" in streams
+    # Quiet: no deprecation noise (sdmagic imports no upstream model code), no errors.
     assert "deprecated" not in streams and "IProgress" not in streams
     assert not [o for o in outputs if o.output_type == "error"]
     assert len(list(images.glob("*.png"))) >= 4
