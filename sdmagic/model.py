@@ -11,6 +11,7 @@ outside. A new model family (SDXL, ...) is another class with the same methods.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ class StableDiffusion:
     safety: safety.SafetyConfig | None = None
     preprocess: safety.Preprocess | None = None
 
-    @property
+    @functools.cached_property
     def spec(self) -> ModelSpec:
         factor = 2 ** (len(self.vae.block_out_channels) - 1)
         # The UNet halves the latent side at every level but the last, and its upsamplers double it

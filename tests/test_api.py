@@ -49,6 +49,34 @@ def test_same_images_on_one_and_eight_devices(session8, session1):
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
 
 
+def test_euler_a_noise_is_each_images_own(tiny_dir):
+    """An ancestral sampler draws fresh noise every step: from the image's own key, so the image
+    is the same on 1 device or 8 and in any position, and differs from another seed's."""
+    from sdmagic.models import load_model, with_scheduler
+    from sdmagic.session import Session
+    from sdmagic.devices import find_devices
+
+    model = with_scheduler(load_model("tiny", safety_checker=False), "euler-a")
+    eight = Session(model, find_devices(8))
+    one = Session(with_scheduler(load_model("tiny", safety_checker=False), "euler-a"), find_devices(1))
+    try:
+        prompts = [f"filler {i}" for i in range(5)] + ["a red fox"]
+        mixed = pixels(eight.generate(prompts, seed=20, steps=STEPS))
+        alone = pixels(one.generate(["a red fox"], seed=25, steps=STEPS))[0]
+        assert np.abs(mixed[5].astype(int) - alone.astype(int)).max() <= 2
+        assert not np.array_equal(mixed[4], mixed[5])
+        # Not the deterministic Euler image of the same start: the per-step noise took part.
+        euler = Session(with_scheduler(load_model("tiny", safety_checker=False), "euler"), find_devices(1))
+        try:
+            plain = pixels(euler.generate(["a red fox"], seed=25, steps=STEPS))[0]
+        finally:
+            euler.close()
+        assert np.abs(plain.astype(int) - alone.astype(int)).max() > 10
+    finally:
+        eight.close()
+        one.close()
+
+
 def test_new_prompts_seeds_guidance_and_negative_compile_nothing(session8, compiles):
     session8.generate(["warm up"], seed=1, steps=STEPS)
     shapes_before = len(session8.compiled_shapes)
