@@ -61,13 +61,12 @@ class StableDiffusion:
     @functools.cached_property
     def spec(self) -> ModelSpec:
         factor = 2 ** (len(self.vae.block_out_channels) - 1)
-        # The UNet halves the latent side at every level but the last, and its upsamplers double it
-        # back to the skip connection's side: the latent side must halve cleanly each time.
-        multiple = factor * 2 ** (len(self.unet.block_out_channels) - 1)
+        # Any whole latent side works: the UNet's upsamplers resize to the skip connection's side,
+        # as PyTorch's do, so sizes are multiples of the VAE's factor alone (8 for SD), not of 64.
         return ModelSpec(
             latent_channels=self.unet.in_channels,
             scale_factor=factor,
-            size_multiple=multiple,
+            size_multiple=factor,
             default_size=self.unet.sample_size * factor,
             max_tokens=self.tokenizer.model_max_length,
             digest=self.digest(),

@@ -273,11 +273,10 @@ def _check_parts_fit(model: StableDiffusion, label: str) -> None:
             f" hidden_size is {t.hidden_size}: the two do not belong together"
         )
     spec = model.spec
-    if spec.default_size > MAX_DEFAULT_SIDE or spec.default_size % spec.size_multiple:
+    if spec.default_size > MAX_DEFAULT_SIDE:
         raise ModelLoadError(
             f"{label}/unet/config.json: sample_size={u.sample_size} makes a default image side of {spec.default_size}"
-            f" pixels, which is not a multiple of {spec.size_multiple} from {spec.size_multiple} to {MAX_DEFAULT_SIDE}:"
-            " not a usable model"
+            f" pixels, more than {MAX_DEFAULT_SIDE}: not a usable model"
         )
 
 

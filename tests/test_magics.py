@@ -104,7 +104,7 @@ def test_sd_time_reports_compile_apart_from_inference(shell):
         ("--steps 0", "a", "steps must be from 1"),
         ("--guidance high", "a", "guidance must be a number"),
         ("--height 0", "a", "height must be from 1"),
-        ("--width 65", "a", "width 65 is not a multiple of 4"),
+        ("--width 65", "a", "width 65 is not a multiple of 2"),
         ("--height 999999", "a", "height must be from 1 to 4096"),
         ("--cols 0", "a", "--cols must be from 1"),
         ("stray words", "a", "put prompts in the cell"),

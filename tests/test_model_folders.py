@@ -265,7 +265,7 @@ HOSTILE = [
     ("head dim not dividing", set_key("unet/config.json", "attention_head_dim", 7), r"attention_head_dim=7 .* must divide"),
     ("absurd sample size", set_key("unet/config.json", "sample_size", 2000000000), r"sample_size=2000000000 is not usable"),
     ("default side too big", set_key("unet/config.json", "sample_size", 3000), r"default image side of 6000 pixels"),
-    ("default side not a multiple", set_key("unet/config.json", "sample_size", 31), r"default image side of 62 pixels.*multiple of 4"),
+    ("default side too big", set_key("unet/config.json", "sample_size", 4000), r"default image side of 8000 pixels, more than 4096"),
     ("layers as text", set_key("unet/config.json", "layers_per_block", "two"), r"layers_per_block=\"two\""),
     ("layers as a bool", set_key("unet/config.json", "layers_per_block", True), r"layers_per_block=true"),
     ("unknown block", set_key("unet/config.json", "down_block_types", ["DownBlock2D", "EvilBlock"]), r"down_block_types="),

@@ -192,7 +192,7 @@ def test_per_line_options_group_by_shape(tiny_shell, compiles):
         ("a fox -- --bogus 3", r"line 1 of the cell: unrecognized arguments: --bogus 3"),
         ("ok\na fox -- --seed", r"line 2 of the cell: argument --seed: expected one argument"),
         ("a fox -- --seed x", r"prompt 1 \('a fox'\): --seed must be a whole number"),
-        ("a\nb -- --width 65", r"prompt 2 \('b'\): --width 65 is not a multiple of 4"),
+        ("a\nb -- --width 65", r"prompt 2 \('b'\): --width 65 is not a multiple of 2"),
         ("a fox -- --negative 'open", "line 1 of the cell: no closing quotation"),
     ],
 )
