@@ -552,15 +552,19 @@ class Euler(Sampler):
     def scale_input(self, steps, i, x):
         return _float32(x) / self._at(steps, i)["input_divisor"]
 
-    def step(self, steps, i, state, x, model_output, noise):
+    def _euler(self, steps, i, x, model_output):
+        """The Euler step over the table's dt, and the table row."""
         c = self._at(steps, i)
         x = _float32(x)
         x0 = _x0_from_sigma(self._settings["prediction_type"], x, _float32(model_output), c["sigma"])
         derivative = (x - x0) / c["sigma"]
-        return x + derivative * c["dt"], state
+        return x + derivative * c["dt"], c
+
+    def step(self, steps, i, state, x, model_output, noise):
+        return self._euler(steps, i, x, model_output)[0], state
 
 
-class EulerAncestral(Sampler):
+class EulerAncestral(Euler):
     """EulerAncestralDiscreteScheduler (k-diffusion's Euler a, eta 1): an Euler step down to
     sigma_down, then fresh noise of sigma_up, with sigma_down**2 + sigma_up**2 = sigma_next**2."""
 
@@ -574,15 +578,9 @@ class EulerAncestral(Sampler):
         table = dict(sigma=sigma, dt=sigma_down - sigma, sigma_up=sigma_up, input_divisor=(sigma**2 + 1) ** 0.5)
         return _Plan(timesteps, _max_input_sigma(s, sigmas), table)
 
-    def scale_input(self, steps, i, x):
-        return _float32(x) / self._at(steps, i)["input_divisor"]
-
     def step(self, steps, i, state, x, model_output, noise):
-        c = self._at(steps, i)
-        x = _float32(x)
-        x0 = _x0_from_sigma(self._settings["prediction_type"], x, _float32(model_output), c["sigma"])
-        derivative = (x - x0) / c["sigma"]
-        return x + derivative * c["dt"] + _float32(noise()) * c["sigma_up"], state
+        x, c = self._euler(steps, i, x, model_output)  # down to sigma_down (the table's dt)
+        return x + _float32(noise()) * c["sigma_up"], state
 
 
 class DPMSolver2M(Sampler):
