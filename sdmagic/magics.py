@@ -142,7 +142,7 @@ class SDMagics(Magics):
     @argument("--trust-pickle", action="store_true", help="allow .ckpt/.bin/.pt pickles, read only with torch.load(weights_only=True); they are refused otherwise")
     @argument("--revision", default=None, help="Hub branch or commit (default for SD 1.4: 'bf16' in bfloat16, else 'flax')")
     @argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: bfloat16 on TPU/GPU, float32 on CPU)")
-    @argument("--scheduler", default=None, help="pndm | ddim | lms | dpm (DPM-Solver++ multistep); default: the model's own")
+    @argument("--scheduler", default=None, help="pndm (PLMS) | ddim | lms | lms-karras | dpm (DPM++ 2M) | dpm-karras | euler | euler-a (Euler a); default: the model's own")
     @argument("--no-safety-checker", action="store_true", help="do not run the model's safety checker")
     @argument("--devices", default=None, help="use only the first N devices (default: all)")
     @argument("--per-device-batch", default=None, help="images per device per call (default: CPU 1, TPU 1-2, GPU by memory)")
