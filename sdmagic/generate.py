@@ -97,6 +97,12 @@ def build_generate(model: Any, key: ShapeKey, on_step: Callable | None = None) -
     timesteps = jnp.asarray(sampler.timesteps(steps), jnp.float32)
     evaluations = int(timesteps.shape[0])
     extra = evaluations - steps
+    # XLA:CPU has no half-precision matmul or convolution kernels: it converts bfloat16 weights to
+    # float32, and would hoist those conversions out of the loop, keeping a float32 copy of the whole
+    # UNet alive for the call (3.4 GB for SD 1.x). Tied to the latents, the weights stay loop-variant
+    # there. Elsewhere loop-invariant work (the text's cross-attention keys and values, the merged
+    # projection kernels) is left for XLA to hoist out of the loop.
+    tie_weights = jax.default_backend() == "cpu" and key.dtype in ("bfloat16", "float16")
 
     def generate(params, prompt_ids, neg_prompt_ids, seeds, guidance):
         context = _pair(sd.encode_text(params, neg_prompt_ids), sd.encode_text(params, prompt_ids))
@@ -106,10 +112,9 @@ def build_generate(model: Any, key: ShapeKey, on_step: Callable | None = None) -
 
         def loop_body(i, carry):
             latents, state = carry
-            # Tied to the latents, the weights stay loop-variant: XLA:CPU would otherwise hoist its
-            # bfloat16 -> float32 weight conversions out of the loop and keep a float32 copy of the
-            # whole UNet alive (3.4 GB for SD 1.x). Accelerators convert nothing; this costs nothing.
-            params_now, latents = jax.lax.optimization_barrier((params, latents))
+            params_now = params
+            if tie_weights:
+                params_now, latents = jax.lax.optimization_barrier((params, latents))
             model_input = sampler.scale_input(steps, i, latents)
             t = jnp.broadcast_to(timesteps[i], (2 * latents.shape[0],))
             noise_pred = sd.predict_noise(params_now, _pair(model_input, model_input), t, context)

@@ -238,8 +238,18 @@ def _resnet(p: dict, x: jax.Array, temb_act: jax.Array, cfg: UNetConfig, output_
 
 
 def _attention(p: dict, x: jax.Array, context: jax.Array, heads: int) -> jax.Array:
-    """diffusers' Attention: bias-free q/k/v projections, scaled dot-product attention, output projection."""
-    q, k, v = dense(p["to_q"], x), dense(p["to_k"], context), dense(p["to_v"], context)
+    """diffusers' Attention: bias-free q/k/v projections, scaled dot-product attention, output projection.
+
+    Projections of the same input run as one matmul over the concatenated kernels (q, k and v for
+    self-attention; k and v of the text for cross-attention): fewer, larger matmuls, same sums."""
+    if context is x:
+        qkv = jnp.matmul(x, jnp.concatenate([p["to_q"]["kernel"], p["to_k"]["kernel"], p["to_v"]["kernel"]], axis=1)
+                         .astype(x.dtype))
+        q, k, v = jnp.split(qkv, 3, axis=-1)
+    else:
+        q = dense(p["to_q"], x)
+        kv = jnp.matmul(context, jnp.concatenate([p["to_k"]["kernel"], p["to_v"]["kernel"]], axis=1).astype(context.dtype))
+        k, v = jnp.split(kv, 2, axis=-1)
     return dense(p["to_out_0"], attention(q, k, v, heads=heads))
 
 
