@@ -61,7 +61,9 @@ def _unfold(x: jax.Array, batch: int) -> jax.Array:
 
 def _scores_softmax_values(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, causal: bool) -> jax.Array:
     """softmax(q k^T * scale) v on folded [B*H, T, D] inputs, scores and softmax in float32."""
-    scores = jnp.einsum("bqd,bkd->bqk", q, k, preferred_element_type=jnp.float32) * scale
+    # Scaled on the queries, before the matmul: the same products, but XLA:CPU's matmul fusion
+    # then needs no full-size [queries, keys] constant for the scale (it materialised one per call).
+    scores = jnp.einsum("bqd,bkd->bqk", q * jnp.asarray(scale, q.dtype), k, preferred_element_type=jnp.float32)
     if causal:
         q_len, k_len = scores.shape[-2:]
         allowed = jnp.tril(jnp.ones((q_len, k_len), dtype=bool), k_len - q_len)
