@@ -43,13 +43,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def abstract(shapes: dict, dtype, sharding=None) -> dict:
-    import jax
-
-    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(tuple(s), dtype, sharding=sharding), shapes,
-                                  is_leaf=lambda x: isinstance(x, tuple))
-
-
 def sd1_parts():
     from sdmagic.tiny import _parts
 
@@ -77,11 +70,12 @@ def analysed(compiled, batch: int, seconds: float) -> dict:
 def measure_sdmagic(model, batch: int, steps: int, size: int, dtype) -> dict:
     from sdmagic import generate as gen
     from sdmagic.devices import find_devices
+    from sdmagic.weights import shape_structs
 
     plan = find_devices(1)
     key = gen.ShapeKey(steps=steps, height=size, width=size, batch=batch, safety=False, scheduler=model.scheduler_name,
                        dtype=str(dtype))
-    arguments = gen.argument_specs(model, key, plan, abstract(model.params, dtype, plan.replicated))
+    arguments = gen.argument_specs(model, key, plan, shape_structs(model.params, dtype, plan.replicated))
     executable, seconds = gen.compile_generate(model, key, plan, arguments)
     return analysed(executable, batch, seconds)
 
@@ -97,12 +91,13 @@ def measure_seed(batch: int, steps: int, size: int, dtype) -> dict:
     from seed import seed_pipeline
 
     from sdmagic.models import param_shapes
+    from sdmagic.weights import shape_structs
 
     parts = sd1_parts()
     pipe = seed_pipeline({"unet": parts.unet, "vae": parts.vae, "text": parts.text, "scheduler": parts.scheduler},
                          dtype=dtype)
     shapes = param_shapes(parts.model())
-    params = {name: abstract(shapes[name], dtype) for name in ("unet", "vae", "text_encoder")}
+    params = {name: shape_structs(shapes[name], dtype) for name in ("unet", "vae", "text_encoder")}
     params["scheduler"] = jax.eval_shape(pipe.scheduler.create_state)
     ids = jax.ShapeDtypeStruct((batch, 77), jnp.int32)
     latents = jax.ShapeDtypeStruct((batch, 4, size // 8, size // 8), jnp.float32)

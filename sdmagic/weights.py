@@ -114,9 +114,9 @@ def cast_floats(tree: Any, dtype: Any) -> Any:
     return jax.tree_util.tree_map(caster(dtype), tree)
 
 
-def shape_structs(shapes: dict) -> dict:
+def shape_structs(shapes: dict, dtype: Any = np.float32, sharding: Any = None) -> dict:
     """A tree of shape tuples (as the nets' shape functions give) as ShapeDtypeStructs."""
-    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(tuple(s), np.float32), shapes,
+    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(tuple(s), dtype, sharding=sharding), shapes,
                                   is_leaf=lambda x: isinstance(x, tuple))
 
 
