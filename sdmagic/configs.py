@@ -189,12 +189,13 @@ CONFIG_CLASSES = {
     "scheduler": SCHEDULER_CLASSES,
 }
 
-# UNet settings that change the network in ways sdmagic's UNet does not build (SD 1.x/2.x use
-# none of them): refuse them rather than build a different network that quietly draws wrong images.
+# UNet settings that change the network in ways sdmagic's UNet does not build (SD 1.x/2.x and
+# SDXL use none of them): refuse them rather than build a different network that quietly draws
+# wrong images.
 _UNSUPPORTED = {
     "class_embed_type": None, "time_cond_proj_dim": None, "resnet_time_scale_shift": "default",
     "conv_in_kernel": 3, "conv_out_kernel": 3, "time_embedding_type": "positional",
-    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "num_class_embeds": None, "addition_embed_type": None,
+    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "num_class_embeds": None,
     "act_fn": "silu", "dual_cross_attention": False, "attention_type": "default", "time_embedding_dim": None,
     "time_embedding_act_fn": None, "timestep_post_act": None, "reverse_transformer_layers_per_block": None,
     "class_embeddings_concat": False, "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
@@ -207,9 +208,15 @@ def check_unet_config(c: Config) -> None:
     for key, default in _UNSUPPORTED.items():
         if c.get(key, default) != default:
             raise ModelLoadError(
-                f"{c.where} sets {key}={printable(repr(c.get(key)), 40)}, which Stable Diffusion 1.x/2.x UNets do not use"
-                " and sdmagic's UNet does not build: this model cannot run in sdmagic"
+                f"{c.where} sets {key}={printable(repr(c.get(key)), 40)}, which Stable Diffusion 1.x/2.x and SDXL UNets"
+                " do not use and sdmagic's UNet does not build: this model cannot run in sdmagic"
             )
+    # SDXL's added conditioning: the pooled text embedding and 6 micro-conditioning numbers.
+    if c.choice("addition_embed_type", (None, "text_time"), None) == "text_time":
+        time_dim = c.int("addition_time_embed_dim", 2, 4096)
+        if time_dim % 2:
+            raise c.fail("addition_time_embed_dim", "it must be even (sine and cosine halves)")
+        c.int("projection_class_embeddings_input_dim", 6 * time_dim + 1, 65536)
     channels = c.ints("block_out_channels", 1, 8192, (1, 6))
     levels = len(channels)
     groups = c.int("norm_num_groups", 1, 1024, 32)
@@ -237,6 +244,8 @@ def check_unet_config(c: Config) -> None:
     c.int("downsample_padding", 0, 8, 1)
     for key in ("use_linear_projection", "flip_sin_to_cos", "upcast_attention", "center_input_sample",
                 "split_head_dim", "use_memory_efficient_attention"):
+        if key == "upcast_attention" and c.get(key, False) is None:
+            continue  # SDXL's config says null: PyTorch reads it as false (sdmagic always upcasts)
         c.flag(key, key == "flip_sin_to_cos")
     c.flags("only_cross_attention", levels, False)
 
@@ -256,7 +265,9 @@ def check_vae_config(c: Config) -> None:
     c.int("out_channels", 3, 3, 3)
     c.int("sample_size", 1, 16384, 32)
     c.number("scaling_factor", 1e-6, 1e3, 0.18215)
-    c.choice("shift_factor", (None,), None)  # SD 3 / Flux VAEs shift latents; SD 1.x/2.x do not
+    c.choice("shift_factor", (None,), None)  # SD 3 / Flux VAEs shift latents; SD 1.x/2.x and SDXL do not
+    for key in ("latents_mean", "latents_std"):  # per-channel latent statistics (Playground v2.5's VAE)
+        c.choice(key, (None,), None)
     c.choice("act_fn", ("silu",), "silu")
     for key in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
         c.flag(key, True)

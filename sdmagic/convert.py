@@ -5,14 +5,18 @@ Two layouts are read:
   ...): key names as the PyTorch modules name them;
 - the original Stable Diffusion single-file layout (`model.diffusion_model.*`, `first_stage_model.*`,
   `cond_stage_model.*`), as AUTOMATIC1111 and most fine-tunes ship it: first renamed to diffusers'
-  PyTorch names (`ldm_to_diffusers`), then converted like the above.
+  PyTorch names (`ldm_to_diffusers`), then converted like the above; and SDXL's (Stability's
+  generative-models layout: the same UNet and VAE names, the text encoders under
+  `conditioner.embedders.0.transformer.*` (transformers' CLIP names) and
+  `conditioner.embedders.1.model.*` (OpenCLIP's), `sgm_to_diffusers`).
 
 The conversion is driven by the target: the parameter tree sdmagic's networks declare for the
 configs (the shape functions in `sdmagic/nets/`), so a missing, extra or misshapen weight is an
 error that names it. A .safetensors file is checked from its header alone (`SafetensorsFile`: keys,
 shapes, dtypes) before any tensor is read, then read one tensor at a time: a file that does not fit
 costs no memory, and one that fits never holds two copies. `flax_to_pytorch` and
-`diffusers_to_ldm` are the inverses (the tests write tiny models in each layout with them).
+`diffusers_to_ldm` / `diffusers_to_sgm` are the inverses (the tests write tiny models in each layout
+with them).
 """
 
 from __future__ import annotations
@@ -51,13 +55,15 @@ MAX_HEADER_BYTES = 16 * 2**20
 @dataclass(frozen=True)
 class TensorRef:
     """A tensor still in its file: its key, shape and dtype name. `part`/`parts`: this is the
-    part-th of `parts` equal row blocks of the stored tensor (OpenCLIP's fused q/k/v)."""
+    part-th of `parts` equal row blocks of the stored tensor (OpenCLIP's fused q/k/v);
+    `transposed`: this is the stored 2-D tensor transposed (`shape` is the transposed one)."""
 
     key: str
     shape: tuple[int, ...]
     dtype: str
     part: int = 0
     parts: int = 1
+    transposed: bool = False
 
     @property
     def ndim(self) -> int:
@@ -70,11 +76,23 @@ def split_rows(value: Any, parts: int) -> list:
     if rows % parts:
         raise ModelLoadError(f"a fused weight has {rows} rows, which does not split into {parts} equal parts")
     if isinstance(value, TensorRef):
-        if value.parts != 1:
+        if value.parts != 1 or value.transposed:
             raise ModelLoadError(f"weight {printable(value.key)!r} cannot be split twice")
         shape = (rows // parts,) + tuple(value.shape[1:])
         return [replace(value, shape=shape, part=i, parts=parts) for i in range(parts)]
     return np.split(value, parts, axis=0)
+
+
+def transposed(value: Any) -> Any:
+    """A 2-D `value` (an array or a TensorRef) transposed (OpenCLIP's text_projection is stored
+    [in, out], PyTorch's Linear weight is [out, in])."""
+    if len(value.shape) != 2:
+        raise ModelLoadError(f"a projection weight has shape {tuple(value.shape)}, not two axes")
+    if isinstance(value, TensorRef):
+        if value.parts != 1 or value.transposed:
+            raise ModelLoadError(f"weight {printable(value.key)!r} cannot be transposed here")
+        return replace(value, shape=tuple(reversed(value.shape)), transposed=True)
+    return np.asarray(value).T
 
 
 class SafetensorsFile:
@@ -121,6 +139,8 @@ class SafetensorsFile:
 
     def read(self, ref: TensorRef) -> np.ndarray:
         try:
+            if ref.transposed:
+                return self._file.get_tensor(ref.key).T
             if ref.parts == 1:
                 return self._file.get_tensor(ref.key)
             rows = ref.shape[0]
@@ -368,14 +388,32 @@ def flax_to_pytorch(params: Any, *, diffusers_names: bool) -> dict[str, np.ndarr
 # ---------------------------------------------------------------------------------------------- single files
 
 
+# SDXL's text encoders in Stability's layout: CLIP ViT-L (transformers' names) and OpenCLIP bigG.
+SGM_TEXT = "conditioner.embedders.0.transformer."
+SGM_TEXT_2 = "conditioner.embedders.1.model."
+
+
 def detect_family(keys) -> str:
-    """'sd2' (OpenCLIP text encoder) or 'sd1' (CLIP), from an original-layout checkpoint's keys
-    (a file's header is enough: a dict of key -> TensorRef iterates over its keys)."""
+    """'sdxl' (two text encoders under conditioner.embedders), 'sd2' (OpenCLIP text encoder) or
+    'sd1' (CLIP), from an original-layout checkpoint's keys (a file's header is enough: a dict of
+    key -> TensorRef iterates over its keys)."""
     keys = list(keys)
     if not any(k.startswith("model.diffusion_model.") for k in keys):
         raise ModelLoadError(
             "this .safetensors file is not a Stable Diffusion checkpoint in the original layout (no"
             " 'model.diffusion_model.' keys): for a diffusers folder give the folder, not a file"
+        )
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        if any(k.startswith(SGM_TEXT) for k in keys) and any(k.startswith(SGM_TEXT_2) for k in keys):
+            return "sdxl"
+        if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+            raise ModelLoadError(
+                "this checkpoint is an SDXL refiner (one OpenCLIP text encoder): sdmagic draws with SDXL base"
+                " checkpoints, not the refiner"
+            )
+        raise ModelLoadError(
+            "this SDXL-layout checkpoint lacks a text encoder (conditioner.embedders.0.transformer.* and"
+            " conditioner.embedders.1.model.* are both needed): it cannot make images alone"
         )
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         return "sd2"
@@ -393,6 +431,9 @@ def _unet_pairs(config: dict) -> list[tuple[str, str]]:
     pairs = [
         ("time_embed.0.", "time_embedding.linear_1."),
         ("time_embed.2.", "time_embedding.linear_2."),
+        # SDXL's added (text-time) embedding: generative-models' label_emb.0 is a Sequential.
+        ("label_emb.0.0.", "add_embedding.linear_1."),
+        ("label_emb.0.2.", "add_embedding.linear_2."),
         ("input_blocks.0.0.", "conv_in."),
         ("out.0.", "conv_norm_out."),
         ("out.2.", "conv_out."),
@@ -507,8 +548,15 @@ _OPEN_CLIP = [("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."), ("mlp.c_fc."
 _RESBLOCK = re.compile(r"transformer\.resblocks\.(\d{1,4})\.(.+)")
 
 
-def _open_clip_to_clip(key: str, tensor: Any, text: dict, layers: int | None) -> None:
+def _open_clip_to_clip(key: str, tensor: Any, text: dict, layers: int | None, projection: bool = False,
+                       prefix: str = "cond_stage_model.model.") -> None:
+    """One OpenCLIP text tower key into transformers' CLIP names; with `projection` (SDXL's second
+    encoder, a CLIPTextModelWithProjection) its text_projection too, as the Linear weight."""
     block = _RESBLOCK.fullmatch(key)
+    if projection and key == "text_projection":
+        # OpenCLIP multiplies x @ text_projection ([in, out]); the Linear weight is [out, in].
+        text["text_projection.weight"] = transposed(tensor)
+        return
     if key == "token_embedding.weight":
         text["text_model.embeddings.token_embedding.weight"] = tensor
     elif key == "positional_embedding":
@@ -531,7 +579,7 @@ def _open_clip_to_clip(key: str, tensor: Any, text: dict, layers: int | None) ->
                 return
         text[prefix + rest] = tensor
     elif key not in ("text_projection", "logit_scale"):
-        text["cond_stage_model.model." + key] = tensor  # not a CLIP weight: reported as unexpected
+        text[prefix + key] = tensor  # not a CLIP weight: reported as unexpected
     # text_projection and logit_scale belong to OpenCLIP's contrastive head, which SD does not use
 
 
@@ -552,27 +600,64 @@ def diffusers_to_ldm(unet: dict, vae: dict, text: dict, unet_config: dict, vae_c
         for key, tensor in text.items():
             out["cond_stage_model.transformer." + key] = tensor
     else:
-        pending: dict[str, dict] = {}
-        for key, tensor in text.items():
-            name = key[len("text_model."):]
-            if name == "embeddings.token_embedding.weight":
-                out["cond_stage_model.model.token_embedding.weight"] = tensor
-            elif name == "embeddings.position_embedding.weight":
-                out["cond_stage_model.model.positional_embedding"] = tensor
-            elif name.startswith("final_layer_norm."):
-                out["cond_stage_model.model.ln_final." + name[len("final_layer_norm."):]] = tensor
-            else:
-                index, rest = name[len("encoder.layers."):].split(".", 1)
-                prefix = f"cond_stage_model.model.transformer.resblocks.{index}."
-                match = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
-                if match:
-                    pending.setdefault(f"{prefix}attn.in_proj_{match.group(2)}", {})[match.group(1)] = tensor
-                    continue
-                for original, clip in _OPEN_CLIP:
-                    if rest.startswith(clip):
-                        rest = original + rest[len(clip):]
-                        break
-                out[prefix + rest] = tensor
-        for key, parts in pending.items():
-            out[key] = np.concatenate([parts["q"], parts["k"], parts["v"]], axis=0)
+        out.update(_clip_to_open_clip(text, "cond_stage_model.model."))
+    return out
+
+
+def _clip_to_open_clip(text: dict, prefix: str) -> dict:
+    """transformers' CLIP text names -> OpenCLIP's under `prefix` (the inverse of `_open_clip_to_clip`)."""
+    out = {}
+    pending: dict[str, dict] = {}
+    for key, tensor in text.items():
+        if key == "text_projection.weight":
+            out[prefix + "text_projection"] = np.ascontiguousarray(np.asarray(tensor).T)
+            continue
+        name = key[len("text_model."):]
+        if name == "embeddings.token_embedding.weight":
+            out[prefix + "token_embedding.weight"] = tensor
+        elif name == "embeddings.position_embedding.weight":
+            out[prefix + "positional_embedding"] = tensor
+        elif name.startswith("final_layer_norm."):
+            out[prefix + "ln_final." + name[len("final_layer_norm."):]] = tensor
+        else:
+            index, rest = name[len("encoder.layers."):].split(".", 1)
+            block = f"{prefix}transformer.resblocks.{index}."
+            match = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
+            if match:
+                pending.setdefault(f"{block}attn.in_proj_{match.group(2)}", {})[match.group(1)] = tensor
+                continue
+            for original, clip in _OPEN_CLIP:
+                if rest.startswith(clip):
+                    rest = original + rest[len(clip):]
+                    break
+            out[block + rest] = tensor
+    for key, parts in pending.items():
+        out[key] = np.concatenate([parts["q"], parts["k"], parts["v"]], axis=0)
+    return out
+
+
+def sgm_to_diffusers(checkpoint: dict[str, Any], unet_config: dict, vae_config: dict) -> dict[str, dict]:
+    """Split an SDXL checkpoint (Stability's generative-models layout) into diffusers' PyTorch-layout
+    {"unet", "vae", "text_encoder", "text_encoder_2"} dicts. Values are moved, not read (arrays or
+    TensorRefs), as in `ldm_to_diffusers`; keys of no component (the denoiser's sigmas, EMA copies)
+    are dropped."""
+    first, second = {}, {}
+    for key in [k for k in checkpoint if k.startswith(("conditioner.", "cond_stage_model."))]:
+        tensor = checkpoint.pop(key)
+        if key.startswith(SGM_TEXT):
+            name = key[len(SGM_TEXT):]
+            first[name if name.startswith("text_model.") else "text_model." + name] = tensor
+        elif key.startswith(SGM_TEXT_2):
+            _open_clip_to_clip(key[len(SGM_TEXT_2):], tensor, second, None, projection=True, prefix=SGM_TEXT_2)
+    first.pop("text_model.embeddings.position_ids", None)
+    unet, vae, _ = ldm_to_diffusers(checkpoint, unet_config, vae_config, "sdxl")
+    return {"unet": unet, "vae": vae, "text_encoder": first, "text_encoder_2": second}
+
+
+def diffusers_to_sgm(parts: dict[str, dict], unet_config: dict, vae_config: dict) -> dict:
+    """The inverse of `sgm_to_diffusers`: one SDXL checkpoint in Stability's layout from diffusers'
+    PyTorch-layout {"unet", "vae", "text_encoder", "text_encoder_2"} dicts."""
+    out = diffusers_to_ldm(parts["unet"], parts["vae"], {}, unet_config, vae_config, "sd1")
+    out.update({SGM_TEXT + key: tensor for key, tensor in parts["text_encoder"].items()})
+    out.update(_clip_to_open_clip(parts["text_encoder_2"], SGM_TEXT_2))
     return out

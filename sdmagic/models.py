@@ -1,7 +1,9 @@
-"""Loading a Stable Diffusion model into sdmagic's own networks.
+"""Loading a Stable Diffusion model (1.x, 2.x or XL) into sdmagic's own networks.
 
-Sources a user can name with `model=` (see sources.py): `"tiny"` (built in, no download), a local
-folder in diffusers' layout, a Hub id, or a single original-layout checkpoint file. Whatever the
+Sources a user can name with `model=` (see sources.py): `"tiny"` and `"tiny-sdxl"` (built in, no
+download), a local folder in diffusers' layout, a Hub id, or a single original-layout checkpoint
+file. An SDXL pipeline (a second text encoder in model_index.json, or an SDXL single file) becomes
+a `StableDiffusionXL`, anything else a `StableDiffusion`: the same interface. Whatever the
 source, the same steps follow: every config is read through checked getters (configs.py) and
 turned into the networks' configs (`sdmagic/nets/`); parameter shapes follow from those configs
 (no module is initialised and nothing is compiled to load); every weight file is checked against
@@ -35,16 +37,21 @@ from .configs import (
     read_text,
     shown,
 )
-from .convert import SafetensorsFile, detect_family, ldm_to_diffusers, plan_pytorch_to_flax, run_plan
+from .convert import SafetensorsFile, detect_family, ldm_to_diffusers, plan_pytorch_to_flax, run_plan, sgm_to_diffusers
 from .errors import ModelLoadError, SDMagicError, option
 from .model import StableDiffusion
+from .model_xl import TIME_IDS, StableDiffusionXL
 from .nets import clip, safety, unet, vae
 from .sources import (
+    BUILT_IN,
     DEFAULT_MODEL,
     TINY,
+    TINY_SDXL,
     WEIGHTED,
     check_model_folder,
     config_folder,
+    is_xl_index,
+    model_index,
     resolve_model_folder,
     ships,
     single_file,
@@ -65,7 +72,7 @@ from .weights import (
     weights_format,
 )
 
-__all__ = ["DEFAULT_MODEL", "TINY", "DTYPES", "LoadedModel", "load_model", "resolve_dtype", "check_scheduler_name"]
+__all__ = ["DEFAULT_MODEL", "TINY", "TINY_SDXL", "DTYPES", "LoadedModel", "load_model", "resolve_dtype", "check_scheduler_name"]
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 SCHEDULERS = schedulers.SAMPLERS
@@ -98,9 +105,9 @@ class LoadedModel:
 
     name: str
     source: str  # the folder or file it was read from
-    model: StableDiffusion
-    # Host arrays: unet, vae, text_encoder, (safety_checker). A Session sets this to None once the
-    # parameters are on the devices.
+    model: StableDiffusion | StableDiffusionXL
+    # Host arrays: unet, vae, text_encoder, (text_encoder_2), (safety_checker). A Session sets this
+    # to None once the parameters are on the devices.
     params: dict | None
     sampler: Any  # a schedulers.Sampler
     scheduler_config: dict  # the model's scheduler_config.json, which any other sampler is built from
@@ -148,8 +155,8 @@ def _component_config(folder: Path, label: str, part: str) -> Config:
     return Config(read_json(folder / part / "config.json", where), where)
 
 
-def _text_config(folder: Path, label: str) -> clip.TextConfig:
-    c = _component_config(folder, label, "text_encoder")
+def _text_config(folder: Path, label: str, part: str = "text_encoder") -> clip.TextConfig:
+    c = _component_config(folder, label, part)
     data = c.data
     if data.get("model_type") == "clip" and isinstance(data.get("text_config"), dict):
         data = data["text_config"]  # a full CLIP config: its text half, as transformers reads it
@@ -182,10 +189,11 @@ def _special_token(value: Any, where: str, key: str) -> str | SpecialToken:
 _SPECIAL_TOKENS = ("unk_token", "bos_token", "eos_token", "pad_token")
 
 
-def _tokenizer(folder: Path, label: str, text: clip.TextConfig) -> CLIPTokenizer:
+def _tokenizer(folder: Path, label: str, text: clip.TextConfig, name: str = "tokenizer",
+               encoder: str = "text_encoder") -> CLIPTokenizer:
     """A CLIP tokenizer from its vocabulary, merges and the few settings SD uses; files are data only."""
-    part = folder / "tokenizer"
-    where = f"{label}/tokenizer/tokenizer_config.json"
+    part = folder / name
+    where = f"{label}/{name}/tokenizer_config.json"
     config_file = part / "tokenizer_config.json"
     settings = Config(read_json(config_file, where) if config_file.exists() else {}, where)
     settings.choice("tokenizer_class", ("CLIPTokenizer", "CLIPTokenizerFast"), "CLIPTokenizer")
@@ -198,11 +206,11 @@ def _tokenizer(folder: Path, label: str, text: clip.TextConfig) -> CLIPTokenizer
     # As transformers does: without `added_tokens_decoder`, special_tokens_map.json has the last word.
     special_map = part / "special_tokens_map.json"
     if "added_tokens_decoder" not in settings.data and special_map.exists():
-        map_where = f"{label}/tokenizer/special_tokens_map.json"
+        map_where = f"{label}/{name}/special_tokens_map.json"
         mapped = Config(read_json(special_map, map_where), map_where)
         tokens.update({key: (mapped.get(key), map_where) for key in _SPECIAL_TOKENS if mapped.get(key) is not None})
     specials = {key: _special_token(value, source, key) for key, (value, source) in tokens.items()}
-    vocab_where = f"{label}/tokenizer/vocab.json"
+    vocab_where = f"{label}/{name}/vocab.json"
     vocab = read_json(part / "vocab.json", vocab_where, MAX_VOCABULARY_BYTES)
     # An id past the text encoder's embedding table would be clamped silently by the lookup.
     if not isinstance(vocab, dict) or not all(is_int(i) and 0 <= i < text.vocab_size for i in vocab.values()):
@@ -210,25 +218,29 @@ def _tokenizer(folder: Path, label: str, text: clip.TextConfig) -> CLIPTokenizer
             f"{vocab_where} is not a CLIP vocabulary of token -> id below the text encoder's"
             f" vocab_size ({text.vocab_size})"
         )
-    merges_text = read_text(part / "merges.txt", f"{label}/tokenizer/merges.txt", MAX_VOCABULARY_BYTES)
+    merges_text = read_text(part / "merges.txt", f"{label}/{name}/merges.txt", MAX_VOCABULARY_BYTES)
     tokenizer = CLIPTokenizer(vocab, parse_merges(merges_text), model_max_length=max_length, errors=errors, **specials)
     # A special token missing from vocab.json gets the next free id, as in transformers: it must
     # still fit the text encoder's embedding table.
     if len(tokenizer) > text.vocab_size:
         raise ModelLoadError(
-            f"{label}/tokenizer/ has {len(tokenizer)} tokens but text_encoder/config.json has vocab_size="
+            f"{label}/{name}/ has {len(tokenizer)} tokens but {encoder}/config.json has vocab_size="
             f"{text.vocab_size}: the tokenizer and text encoder do not belong together"
         )
     return tokenizer
 
 
-def _components(folder: Path, label: str, with_checker: bool) -> tuple[StableDiffusion, dict]:
-    """The networks' configs and the tokenizer from a diffusers-layout folder, without weights;
+def _components(folder: Path, label: str, with_checker: bool) -> tuple[StableDiffusion | StableDiffusionXL, dict]:
+    """The networks' configs and the tokenizer(s) from a diffusers-layout folder, without weights;
     also the raw UNet and VAE config dicts (single-file conversion renames keys with them)."""
     unet_config = _component_config(folder, label, "unet")
     check_unet_config(unet_config)
     vae_config = _component_config(folder, label, "vae")
     check_vae_config(vae_config)
+    raw = {"unet": unet_config.data, "vae": vae_config.data}
+    index = model_index(folder)
+    if is_xl_index(index):
+        return _components_xl(folder, label, index, unet_config.data, vae_config.data), raw
     text = _text_config(folder, label)
     checker = preprocess = None
     if with_checker:
@@ -253,25 +265,71 @@ def _components(folder: Path, label: str, with_checker: bool) -> tuple[StableDif
         tokenizer=_tokenizer(folder, label, text), safety=checker, preprocess=preprocess,
     )
     _check_parts_fit(model, label)
-    return model, {"unet": unet_config.data, "vae": vae_config.data}
+    return model, raw
 
 
-def _check_parts_fit(model: StableDiffusion, label: str) -> None:
+def _components_xl(folder: Path, label: str, index: dict, unet_config: dict, vae_config: dict) -> StableDiffusionXL:
+    """SDXL's configs and both tokenizers (the index was checked: both encoders ship)."""
+    text = _text_config(folder, label, "text_encoder")
+    text_2 = _text_config(folder, label, "text_encoder_2")
+    force_zeros = index.get("force_zeros_for_empty_prompt", True)  # the pipeline class's default
+    model = StableDiffusionXL(
+        text=text, text_2=text_2, unet=unet.UNetConfig.from_dict(unet_config), vae=vae.VAEConfig.from_dict(vae_config),
+        tokenizer=_tokenizer(folder, label, text), tokenizer_2=_tokenizer(folder, label, text_2, "tokenizer_2",
+                                                                         "text_encoder_2"),
+        force_zeros_for_empty_prompt=force_zeros,
+    )
+    _check_parts_fit(model, label)
+    return model
+
+
+def _check_parts_fit(model: StableDiffusion | StableDiffusionXL, label: str) -> None:
     """The components must work together: what each one's config says about the others."""
     u, v, t = model.unet, model.vae, model.text
-    if not u.in_channels == u.out_channels == v.latent_channels:
+    xl = isinstance(model, StableDiffusionXL)
+    # An inpainting UNet (SD 1.5/2 inpainting) also takes the mask and the masked image's latents.
+    if u.out_channels != v.latent_channels or u.in_channels not in (v.latent_channels, 2 * v.latent_channels + 1):
         raise ModelLoadError(
             f"{label}: the UNet takes {u.in_channels} channels and gives {u.out_channels}, the VAE has"
-            f" {v.latent_channels} latent channels: sdmagic draws from text alone, where all three are equal"
-            " (an inpainting or other special model cannot run here)"
+            f" {v.latent_channels} latent channels: they do not belong together (the UNet must give the VAE's"
+            " channels and take them, or twice them plus a mask for inpainting)"
         )
-    context = set(u.cross_attention_dim) if isinstance(u.cross_attention_dim, tuple) else {u.cross_attention_dim}
-    if context != {t.hidden_size}:
-        widths = next(iter(context)) if len(context) == 1 else list(u.cross_attention_dim)
+    if u.text_time and not xl:
         raise ModelLoadError(
-            f"{label}: unet/config.json has cross_attention_dim={shown(widths)} but the text encoder's"
-            f" hidden_size is {t.hidden_size}: the two do not belong together"
+            f"{label}: unet/config.json has addition_embed_type \"text_time\" (an SDXL UNet) but model_index.json"
+            " names no text_encoder_2: an SDXL UNet needs both SDXL text encoders"
         )
+    if xl and not u.text_time:
+        raise ModelLoadError(
+            f"{label}: an SDXL pipeline (text_encoder_2) whose unet/config.json lacks addition_embed_type"
+            " \"text_time\": the UNet does not belong to it"
+        )
+    # SDXL's context is both encoders' hidden states side by side.
+    width = t.hidden_size + model.text_2.hidden_size if xl else t.hidden_size
+    context = set(u.cross_attention_dim) if isinstance(u.cross_attention_dim, tuple) else {u.cross_attention_dim}
+    if context != {width}:
+        widths = next(iter(context)) if len(context) == 1 else list(u.cross_attention_dim)
+        encoders = (f"the text encoders' hidden_size is {t.hidden_size} + {model.text_2.hidden_size}" if xl
+                    else f"the text encoder's hidden_size is {t.hidden_size}")
+        raise ModelLoadError(
+            f"{label}: unet/config.json has cross_attention_dim={shown(widths)} but {encoders}: they do not"
+            " belong together"
+        )
+    if xl:
+        added = TIME_IDS * u.addition_time_embed_dim + model.text_2.projection_dim
+        if u.projection_class_embeddings_input_dim != added:
+            raise ModelLoadError(
+                f"{label}: unet/config.json has projection_class_embeddings_input_dim="
+                f"{u.projection_class_embeddings_input_dim}, but {TIME_IDS} x addition_time_embed_dim"
+                f" ({u.addition_time_embed_dim}) + text_encoder_2's projection_dim ({model.text_2.projection_dim})"
+                f" is {added}: they do not belong together"
+            )
+        lengths = {model.tokenizer.model_max_length, model.tokenizer_2.model_max_length}
+        if len(lengths) != 1:
+            raise ModelLoadError(
+                f"{label}: tokenizer/ and tokenizer_2/ have different model_max_length ({', '.join(map(str, sorted(lengths)))}):"
+                " SDXL's two encoders read the same tokens"
+            )
     spec = model.spec
     if spec.default_size > MAX_DEFAULT_SIDE:
         raise ModelLoadError(
@@ -280,8 +338,10 @@ def _check_parts_fit(model: StableDiffusion, label: str) -> None:
         )
 
 
-def param_shapes(model: StableDiffusion) -> dict:
+def param_shapes(model: StableDiffusion | StableDiffusionXL) -> dict:
     """Every component's parameter shapes, from the configs alone."""
+    if isinstance(model, StableDiffusionXL):
+        return model.param_shapes()
     shapes = {
         "unet": unet.unet_shapes(model.unet),
         "vae": vae.vae_shapes(model.vae),
@@ -290,6 +350,13 @@ def param_shapes(model: StableDiffusion) -> dict:
     if model.safety is not None:
         shapes["safety_checker"] = safety.safety_shapes(model.safety)
     return shapes
+
+
+def part_dtype(model: StableDiffusion | StableDiffusionXL, part: str, dtype: str) -> str:
+    """The dtype a component's weights are kept in when the model is loaded in `dtype` (SDXL keeps
+    its VAE in float32 under float16: `StableDiffusionXL.weight_dtype`)."""
+    choose = getattr(model, "weight_dtype", None)
+    return choose(part, dtype) if choose is not None else dtype
 
 
 def make_sampler(name: str, config: dict) -> Any:
@@ -310,7 +377,7 @@ def _load_folder(folder: Path, label: str, dtype: str, safety_checker: bool, tru
     index = check_model_folder(folder, safety_checker=safety_checker)
     ships_checker = ships(index, "safety_checker")
     with_checker = safety_checker and ships_checker
-    parts = [p for p in WEIGHTED if p != "safety_checker" or with_checker]
+    parts = [p for p in WEIGHTED if ships(index, p) and (p != "safety_checker" or with_checker)]
     files = {}
     for part in parts:
         library = index[part][0]
@@ -324,7 +391,6 @@ def _load_folder(folder: Path, label: str, dtype: str, safety_checker: bool, tru
             if not trust_pickle:  # before anything else is read
                 raise refuse_pickle(path)
             files[part] = (kind, path)
-    dt = DTYPES[dtype]
     model, _ = _components(folder, label, with_checker)
     all_shapes = param_shapes(model)
     with ExitStack() as stack:
@@ -334,6 +400,7 @@ def _load_folder(folder: Path, label: str, dtype: str, safety_checker: bool, tru
             library = index[part][0]
             what = f"{label}/{part}/{printable(path.name)}"
             shapes = shape_structs(all_shapes[part])
+            dt = DTYPES[part_dtype(model, part, dtype)]
             if kind == "flax":
                 readers[part] = msgpack_reader(path, shapes, what, dt)
             elif kind == "safetensors":
@@ -354,7 +421,6 @@ def _load_single_file(path: Path, config: str | None, dtype: str, revision: str 
     A .safetensors file is renamed and checked against the architecture from its header alone;
     tensors are read only once every part fits.
     """
-    dt = DTYPES[dtype]
     name = printable(path.name)
     with ExitStack() as stack:
         if path.suffix in PICKLE_SUFFIXES:
@@ -368,23 +434,34 @@ def _load_single_file(path: Path, config: str | None, dtype: str, revision: str 
         folder = config_folder(config, family, revision)
         label = printable(config or str(folder))
         model, raw = _components(folder, label, with_checker=False)
+        if (family == "sdxl") != isinstance(model, StableDiffusionXL):
+            kinds = ("an SDXL", "an SD 1.x/2.x") if family == "sdxl" else ("an SD 1.x/2.x", "an SDXL")
+            raise ModelLoadError(
+                f"{name} is {kinds[0]} checkpoint but {label} is {kinds[1]} pipeline: give {option('config')} a"
+                f" pipeline of the checkpoint's kind"
+            )
         conv_in = state.get("model.diffusion_model.input_blocks.0.0.weight")
         if conv_in is not None and len(conv_in.shape) == 4 and conv_in.shape[1] != model.unet.in_channels:
             raise ModelLoadError(
                 f"{name}'s UNet takes {conv_in.shape[1]} input channels, not {model.unet.in_channels}: an"
                 " inpainting or other special checkpoint, which cannot draw from text alone in sdmagic"
             )
-        unet_pt, vae_pt, text_pt = ldm_to_diffusers(state, raw["unet"], raw["vae"], family, model.text.num_hidden_layers)
+        if family == "sdxl":
+            converted = sgm_to_diffusers(state, raw["unet"], raw["vae"])
+        else:
+            converted = dict(zip(("unet", "vae", "text_encoder"), ldm_to_diffusers(
+                state, raw["unet"], raw["vae"], family, model.text.num_hidden_layers)))
         all_shapes = param_shapes(model)
         plans = {}
-        for part, part_state in (("unet", unet_pt), ("vae", vae_pt), ("text_encoder", text_pt)):
+        for part, part_state in converted.items():
             plans[part] = plan_pytorch_to_flax(
-                part_state, shape_structs(all_shapes[part]), diffusers_names=part != "text_encoder",
+                part_state, shape_structs(all_shapes[part]), diffusers_names=part in ("unet", "vae"),
                 what=f"{name} ({part})", ignore=lambda key: key.endswith("position_ids"),
             )
             part_state.clear()
         state.clear()
-        weights = {part: run_plan(plans.pop(part), read, caster(dt)) for part in list(plans)}
+        weights = {part: run_plan(plans.pop(part), read, caster(DTYPES[part_dtype(model, part, dtype)]))
+                   for part in list(plans)}
         scheduler_config, class_name = read_scheduler_config(folder, label, None)
     return model, weights, scheduler_config, class_name
 
@@ -401,10 +478,12 @@ def load_model(
 ) -> LoadedModel:
     """Load a model's networks and host parameters. Raises ModelLoadError with what to do.
 
-    `model`: 'tiny', a Hub id, a diffusers-layout folder (PyTorch-layout .safetensors or Flax
-    msgpack weights), or a single-file checkpoint (.safetensors, original SD layout) whose configs
-    and tokenizer come from `config` (a diffusers-layout folder or Hub id; default: the SD 1.x or
-    2.x reference repo, picked from the checkpoint's keys). Pickles (.ckpt, .bin, .pt) are refused
+    `model`: 'tiny' or 'tiny-sdxl' (built in), a Hub id, a diffusers-layout folder (PyTorch-layout
+    .safetensors or Flax msgpack weights; SD 1.x, 2.x or XL), or a single-file checkpoint
+    (.safetensors, original SD layout or SDXL's) whose configs and tokenizers come from `config` (a
+    diffusers-layout folder or Hub id; default: the SD 1.x, 2.x or XL base reference repo, picked
+    from the checkpoint's keys). An SDXL model loaded in float16 keeps its VAE in float32
+    (`StableDiffusionXL.weight_dtype`). Pickles (.ckpt, .bin, .pt) are refused
     unless `trust_pickle`, and then read only by torch's weights_only loader.
 
     Whatever a folder or file holds, a failure is one SDMagicError line; it is raised from here,
@@ -433,7 +512,7 @@ def _load(model, revision, dtype, scheduler, safety_checker, config, trust_pickl
     if config is not None:
         raise SDMagicError(f"{option('config')} is for single-file checkpoints; a model folder has its own configs")
     folder = resolve_model_folder(model, revision)
-    label = printable(model) if model != TINY else "tiny"
+    label = printable(model) if model not in BUILT_IN else model
     sd, weights, scheduler_config, class_name, checker = _load_folder(folder, label, dtype, safety_checker, trust_pickle)
     return loaded(model, str(folder), sd, weights, scheduler_config, class_name, scheduler, dtype, start, checker)
 
@@ -465,7 +544,7 @@ def with_scheduler(model: LoadedModel, scheduler: str) -> LoadedModel:
 # ----------------------------------------------------------------------------------------------
 
 _TINY_NAMES = (
-    "TINY_VERSION", "RANDOM_ARCHITECTURES", "ensure_tiny_model", "random_model", "write_random_model",
+    "TINY_VERSION", "TINY_SDXL_VERSION", "RANDOM_ARCHITECTURES", "ensure_tiny_model", "random_model", "write_random_model",
     "write_tiny_model",
 )
 

@@ -1,8 +1,8 @@
-"""Where a model comes from: the built-in tiny model, a local folder, a Hub id or a single file.
+"""Where a model comes from: the built-in tiny models, a local folder, a Hub id or a single file.
 
 A folder's `model_index.json` is checked entry by entry against the (library, class) pairs of a
-Stable Diffusion pipeline before any loader sees the folder; nothing is ever imported for an
-entry. Hub downloads fetch only those components' files, PyTorch-layout safetensors first, and
+Stable Diffusion (1.x, 2.x or XL) pipeline before any loader sees the folder; nothing is ever
+imported for an entry. Hub downloads fetch only those components' files, PyTorch-layout safetensors first, and
 never a pickle.
 """
 
@@ -21,6 +21,9 @@ from .weights import PICKLE_SUFFIXES, PT_STEMS, weights_format
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 TINY = "tiny"
+TINY_SDXL = "tiny-sdxl"
+# The built-in random models a user names (built on first use, no download): name -> architecture.
+BUILT_IN = {TINY: "tiny", TINY_SDXL: "tiny-sdxl"}
 
 # The (library, class) pairs a model_index.json entry may name, per component. Nothing is ever
 # imported for them: they only say which of sdmagic's fixed loaders reads the component folder.
@@ -29,6 +32,11 @@ COMPONENTS = {
     "vae": {("diffusers", "AutoencoderKL"), ("diffusers", "FlaxAutoencoderKL")},
     "text_encoder": {("transformers", "CLIPTextModel"), ("transformers", "FlaxCLIPTextModel")},
     "tokenizer": {("transformers", "CLIPTokenizer"), ("transformers", "CLIPTokenizerFast")},
+    # SDXL's second text encoder (OpenCLIP bigG with its projection) and its tokenizer.
+    "text_encoder_2": {
+        ("transformers", "CLIPTextModelWithProjection"), ("transformers", "FlaxCLIPTextModelWithProjection"),
+    },
+    "tokenizer_2": {("transformers", "CLIPTokenizer"), ("transformers", "CLIPTokenizerFast")},
     "scheduler": {("diffusers", name) for name in SCHEDULER_CLASSES},
     "safety_checker": {
         ("stable_diffusion", "StableDiffusionSafetyChecker"), ("stable_diffusion", "FlaxStableDiffusionSafetyChecker"),
@@ -36,8 +44,12 @@ COMPONENTS = {
     "feature_extractor": {("transformers", "CLIPImageProcessor"), ("transformers", "CLIPFeatureExtractor")},
 }
 REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-WEIGHTED = ("unet", "vae", "text_encoder", "safety_checker")
-WEIGHTLESS = {"tokenizer", "scheduler", "feature_extractor"}
+REQUIRED_XL = ("text_encoder_2", "tokenizer_2")  # besides REQUIRED, in an SDXL pipeline
+WEIGHTED = ("unet", "vae", "text_encoder", "text_encoder_2", "safety_checker")
+WEIGHTLESS = {"tokenizer", "tokenizer_2", "scheduler", "feature_extractor"}
+# Pipeline settings model_index.json may hold besides its components (JSON types allowed).
+SETTINGS = {"requires_safety_checker": (bool,), "force_zeros_for_empty_prompt": (bool,),
+            "add_watermarker": (bool, type(None))}
 
 
 def looks_like_path(model: str) -> bool:
@@ -72,7 +84,7 @@ def check_model_index(index: Any, where: str = "model_index.json") -> dict:
     for name, entry in index.items():
         if not isinstance(name, str) or name.startswith("_"):
             continue  # _class_name, _diffusers_version, ...: descriptive only, never used
-        if name == "requires_safety_checker" and isinstance(entry, bool):
+        if name in SETTINGS and isinstance(entry, SETTINGS[name]):
             continue
         pair = tuple(entry) if isinstance(entry, list) else None
         if pair == (None, None):
@@ -94,13 +106,26 @@ def ships(index: dict, part: str) -> bool:
     return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None
 
 
+def is_xl_index(index: dict) -> bool:
+    """An SDXL pipeline: it ships a second text encoder (or tokenizer)."""
+    return ships(index, "text_encoder_2") or ships(index, "tokenizer_2")
+
+
 def check_model_folder(folder: Path, *, safety_checker: bool) -> dict:
     """Fail early, in one line, when a local folder lacks a part it needs; returns its checked index."""
     index = model_index(folder)
+    label = printable(str(folder))
     needed = list(REQUIRED)
+    if is_xl_index(index):
+        if not ships(index, "text_encoder"):
+            # SDXL's refiner conditions on the second encoder alone, and on an aesthetic score.
+            raise ModelLoadError(
+                f"model folder {label!r} is an SDXL refiner (text_encoder_2 without text_encoder): sdmagic draws"
+                " with SDXL base models, not the refiner"
+            )
+        needed += REQUIRED_XL
     if safety_checker:
         needed += [name for name in ("safety_checker", "feature_extractor") if ships(index, name)]
-    label = printable(str(folder))
     for part in needed:
         if not ships(index, part):
             raise ModelLoadError(f"model folder {label!r} has no {part} in model_index.json")
@@ -283,12 +308,14 @@ def resolve_model_folder(model: str, revision: str | None) -> Path:
         raise SDMagicError(f"{option('model')} needs a Hub id, a local folder or 'tiny'")
     if revision is not None and not isinstance(revision, str):
         raise SDMagicError(f"{option('revision')} needs a branch, tag or commit name")
-    if model == TINY:
+    if model in BUILT_IN:
         if revision is not None:
-            raise SDMagicError(f"{option('revision')} is for Hub ids: the built-in 'tiny' model has no revisions; leave it out")
+            raise SDMagicError(
+                f"{option('revision')} is for Hub ids: the built-in {model!r} model has no revisions; leave it out"
+            )
         from .tiny import ensure_tiny_model
 
-        return ensure_tiny_model()
+        return ensure_tiny_model(arch=BUILT_IN[model])
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -323,7 +350,8 @@ def single_file(model: Any) -> Path | None:
 
 
 # The reference repos whose configs and tokenizer a bare checkpoint of each family uses.
-_FAMILY_CONFIGS = {"sd1": "CompVis/stable-diffusion-v1-4", "sd2": "stabilityai/stable-diffusion-2-1"}
+_FAMILY_CONFIGS = {"sd1": "CompVis/stable-diffusion-v1-4", "sd2": "stabilityai/stable-diffusion-2-1",
+                   "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
 
 
 def config_folder(config: str | None, family: str, revision: str | None) -> Path:

@@ -272,7 +272,9 @@ HOSTILE = [
     # The value as the file has it, or one per UNet level (the form sdmagic's config holds it in).
     ("unet and text mismatch", set_key("unet/config.json", "cross_attention_dim", 64),
      r"unet/config.json has cross_attention_dim=(64|\[64, 64\]) .* hidden_size is 32"),
-    ("inpainting unet", set_key("unet/config.json", "in_channels", 9), r"UNet takes 9 channels"),
+    ("unet channels", set_key("unet/config.json", "in_channels", 5), r"UNet takes 5 channels"),
+    # An inpainting config (9 channels) over an ordinary UNet's weights: the weights do not fit.
+    ("inpainting config, ordinary weights", set_key("unet/config.json", "in_channels", 9), r"conv_in"),
     ("unet class name", set_key("unet/config.json", "_class_name", "os.system"), r"unet/config.json names class \"os.system\""),
     ("vae groups", set_key("vae/config.json", "norm_num_groups", 0), r"norm_num_groups=0"),
     ("vae latents", set_key("vae/config.json", "latent_channels", 8), r"VAE has 8 latent channels"),

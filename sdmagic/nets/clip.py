@@ -5,7 +5,9 @@ Both towers share one encoder: pre-LN layers of self-attention and a two-layer M
 to the residual stream. The text tower attends causally and is read at the end-of-text token; the
 vision tower attends over a class token and image patches and is read at the class token.
 
-Parameters are FlaxCLIPTextModel's / FlaxCLIPVisionModel's trees (`text_shapes`, `vision_shapes`).
+Parameters are FlaxCLIPTextModel's / FlaxCLIPVisionModel's trees (`text_shapes`, `vision_shapes`);
+`text_shapes(cfg, projection=True)` is FlaxCLIPTextModelWithProjection's (SDXL's second text
+encoder), whose bias-free `text_projection` maps the pooled output to `projection_dim` (`project`).
 """
 
 from __future__ import annotations
@@ -107,10 +109,12 @@ def encoder_shapes(cfg: Any) -> dict:
     return {"layers": {str(i): layer for i in range(cfg.num_hidden_layers)}}
 
 
-def text_shapes(cfg: Any) -> dict:
-    """FlaxCLIPTextModel's parameter shapes for a TextConfig (or transformers' CLIPTextConfig)."""
+def text_shapes(cfg: Any, *, projection: bool = False) -> dict:
+    """FlaxCLIPTextModel's parameter shapes for a TextConfig (or transformers' CLIPTextConfig);
+    with `projection`, FlaxCLIPTextModelWithProjection's (plus `text_projection`, no bias)."""
     h = cfg.hidden_size
-    return {"text_model": {
+    head = {"text_projection": _dense(h, cfg.projection_dim, bias=False)} if projection else {}
+    return {**head, "text_model": {
         "embeddings": {
             "token_embedding": {"embedding": (cfg.vocab_size, h)},
             "position_embedding": {"embedding": (cfg.max_position_embeddings, h)},
@@ -180,6 +184,12 @@ def encode_text(params: dict, cfg: TextConfig, ids: jax.Array) -> TextOutput:
         eos = jnp.argmax((ids == cfg.eos_token_id).astype(jnp.int32), axis=-1)
     pooled = jnp.take_along_axis(last, eos[:, None, None], axis=1)[:, 0]
     return TextOutput(last, penultimate, pooled)
+
+
+def project(params: dict, pooled: jax.Array) -> jax.Array:
+    """CLIPTextModelWithProjection's `text_embeds` [B, projection_dim]: the pooled output through
+    `text_projection` (no bias). `params` is the whole text encoder's tree."""
+    return dense(params["text_projection"], pooled.astype(params["text_projection"]["kernel"].dtype))
 
 
 def encode_image(params: dict, cfg: VisionConfig, pixels: jax.Array) -> jax.Array:

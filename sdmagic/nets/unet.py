@@ -1,4 +1,8 @@
-"""Stable Diffusion 1.x / 2.x's conditional UNet (diffusers' UNet2DConditionModel), as PyTorch computes it.
+"""Stable Diffusion's conditional UNet (diffusers' UNet2DConditionModel), as PyTorch computes it.
+
+SD 1.x / 2.x, and SDXL's (`addition_embed_type="text_time"`: the pooled text embedding and the six
+micro-conditioning numbers, original size, crop corner and target size, are embedded and added to
+the timestep embedding; transformer depth and head count per level).
 
 Parameters are the tree of diffusers' Flax port (`unet_shapes`); the arithmetic is the PyTorch
 class's: exact GELU in the GEGLU feed-forward, the transformers' GroupNorm at epsilon 1e-6 and the
@@ -67,6 +71,12 @@ class UNetConfig:
     center_input_sample: bool = False
     downsample_padding: int = 1
     mid_block_scale_factor: float = 1.0
+    # SDXL: "text_time" adds an embedding of [pooled text embedding | sinusoids of the time ids]
+    # (`projection_class_embeddings_input_dim` wide, each of the 6 time ids in
+    # `addition_time_embed_dim` sinusoids) to the timestep embedding. None: SD 1.x/2.x.
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     @classmethod
     def from_dict(cls, config: dict) -> UNetConfig:
@@ -83,6 +93,8 @@ class UNetConfig:
         heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
         return cls(**{
             **d,
+            # SDXL's config has null: the PyTorch class then does not upcast (sdmagic always does).
+            "upcast_attention": bool(d["upcast_attention"]),
             "layers_per_block": per_level(d["layers_per_block"]),
             "num_attention_heads": per_level(heads),
             "transformer_layers_per_block": per_level(d["transformer_layers_per_block"]),
@@ -97,6 +109,11 @@ class UNetConfig:
     @property
     def time_embed_dim(self) -> int:
         return self.block_out_channels[0] * 4
+
+    @property
+    def text_time(self) -> bool:
+        """SDXL's added conditioning: apply_unet needs `added_cond`."""
+        return self.addition_embed_type == "text_time"
 
 
 def _reversed(values: tuple) -> tuple:
@@ -159,6 +176,10 @@ def unet_shapes(cfg: UNetConfig | dict) -> dict:
         "conv_in": _conv_shape(cfg.in_channels, channels[0]),
         "time_embedding": {"linear_1": _dense_shape(channels[0], temb), "linear_2": _dense_shape(temb, temb)},
     }
+    if cfg.text_time:
+        shapes["add_embedding"] = {
+            "linear_1": _dense_shape(cfg.projection_class_embeddings_input_dim, temb), "linear_2": _dense_shape(temb, temb),
+        }
     out = channels[0]
     for i, kind in enumerate(cfg.down_block_types):
         c_in, out = out, channels[i]
@@ -358,10 +379,30 @@ def _up_block(p: dict, x: jax.Array, skips: list[jax.Array], temb_act: jax.Array
 # ----------------------------------------------------------------------------------------------
 
 
-def apply_unet(params: dict, cfg: UNetConfig, sample: jax.Array, timesteps: jax.Array, context: jax.Array) -> jax.Array:
+def added_embedding(params: dict, cfg: UNetConfig, added_cond: dict, dtype: Any) -> jax.Array:
+    """SDXL's "text_time" embedding [B, time_embed_dim]: the pooled text embedding [B, P] next to
+    the float32 sinusoids of each of the 6 time ids [B, 6], through add_embedding (linear, silu,
+    linear), as diffusers' UNet2DConditionModel.get_aug_embed."""
+    text_embeds, time_ids = added_cond["text_embeds"], added_cond["time_ids"]
+    batch = text_embeds.shape[0]
+    sinusoids = timestep_embedding(jnp.asarray(time_ids, jnp.float32).reshape(-1), cfg.addition_time_embed_dim,
+                                   flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift).reshape(batch, -1)
+    # PyTorch concatenates a half-precision pooled embedding with float32 sinusoids (promoted to
+    # float32) and casts the result to the embedding's dtype: the same here.
+    added = jnp.concatenate([text_embeds.astype(jnp.float32), sinusoids], axis=-1).astype(dtype)
+    p = params["add_embedding"]
+    return dense(p["linear_2"], jax.nn.silu(dense(p["linear_1"], added)))
+
+
+def apply_unet(params: dict, cfg: UNetConfig, sample: jax.Array, timesteps: jax.Array, context: jax.Array,
+               added_cond: dict | None = None) -> jax.Array:
     """The predicted noise (or v, or whatever the model was trained on) for `sample` [B, C, H, W]
     at `timesteps` ([B] or a scalar, float32, fractional allowed) given `context` [B, L, D] (the
-    text encoder's hidden states); returns [B, out_channels, H, W] in the parameters' dtype."""
+    text encoder's hidden states); returns [B, out_channels, H, W] in the parameters' dtype.
+
+    `added_cond` (SDXL, `cfg.text_time`): {"text_embeds": [B, P] the second text encoder's
+    projected pooled output, "time_ids": [B, 6] (original height, width, crop top, left, target
+    height, width)}; ignored by SD 1.x/2.x UNets."""
     dtype = params["conv_in"]["kernel"].dtype
     x = jnp.transpose(sample, (0, 2, 3, 1)).astype(dtype)
     context = context.astype(dtype)
@@ -372,6 +413,10 @@ def apply_unet(params: dict, cfg: UNetConfig, sample: jax.Array, timesteps: jax.
     t_emb = timestep_embedding(timesteps, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
                                freq_shift=cfg.freq_shift).astype(dtype)
     temb = dense(params["time_embedding"]["linear_2"], jax.nn.silu(dense(params["time_embedding"]["linear_1"], t_emb)))
+    if cfg.text_time:
+        if added_cond is None:
+            raise ValueError("this UNet (addition_embed_type 'text_time', SDXL) needs added_cond: text_embeds and time_ids")
+        temb = temb + added_embedding(params, cfg, added_cond, dtype)
     temb_act = jax.nn.silu(temb)
 
     x = conv2d(params["conv_in"], x)
