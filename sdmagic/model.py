@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .nets import clip, safety, unet, vae
+from .prompt_weights import emphasize
 from .tokenizer import CLIPTokenizer
 
 
@@ -47,8 +48,32 @@ def _as_json(value: Any) -> Any:
     return value
 
 
+class LatentDecoding:
+    """What every family shares: the KL VAE between pixels and the UNet's latent space, and the
+    UNet's input channels. Needs `vae` and `unet` configs on the class it is mixed into."""
+
+    def decode(self, params: dict, latents: jax.Array) -> jax.Array:
+        """Finished pixels: uint8 [B, H, W, 3] from NCHW latents in the UNet's (scaled) space."""
+        dtype = _dtype(params["vae"])
+        image = vae.decode(params["vae"], self.vae, (latents / self.vae.scaling_factor).astype(dtype))
+        image = (image.astype(jnp.float32) / 2 + 0.5).clip(0, 1).transpose(0, 2, 3, 1)
+        return jnp.round(image * 255).astype(jnp.uint8)
+
+    def encode(self, params: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The latent distribution of NCHW images in [-1, 1]: (mean, std), in the UNet's (scaled) space."""
+        dtype = _dtype(params["vae"])
+        mean, logvar = vae.encode(params["vae"], self.vae, images.astype(dtype))
+        std = jnp.exp(0.5 * logvar.astype(jnp.float32))
+        return mean.astype(jnp.float32) * self.vae.scaling_factor, std * self.vae.scaling_factor
+
+    @property
+    def inpainting(self) -> bool:
+        """An inpainting UNet: it also takes the mask and the masked image's latents (9 channels)."""
+        return self.unet.in_channels == 2 * self.vae.latent_channels + 1
+
+
 @dataclass(frozen=True)
-class StableDiffusion:
+class StableDiffusion(LatentDecoding):
     """SD 1.x / 2.x: a CLIP text encoder, a conditional UNet, a KL VAE and optionally CLIP's safety checker."""
 
     text: clip.TextConfig
@@ -64,7 +89,7 @@ class StableDiffusion:
         # Any whole latent side works: the UNet's upsamplers resize to the skip connection's side,
         # as PyTorch's do, so sizes are multiples of the VAE's factor alone (8 for SD), not of 64.
         return ModelSpec(
-            latent_channels=self.unet.in_channels,
+            latent_channels=self.vae.latent_channels,  # an inpainting UNet takes 9 channels, not 4
             scale_factor=factor,
             size_multiple=factor,
             default_size=self.unet.sample_size * factor,
@@ -82,6 +107,11 @@ class StableDiffusion:
 
     # -- host side ---------------------------------------------------------------------------
 
+    @property
+    def tokenizers(self) -> tuple[CLIPTokenizer, ...]:
+        """One tokenizer per text encoder, in the order of `encode_prompt`'s ids."""
+        return (self.tokenizer,)
+
     def tokenize(self, prompts: list[str]) -> np.ndarray:
         """int32 [len(prompts), max_tokens]: BOS, tokens (cut to fit), EOS, padding."""
         return self.tokenizer.input_ids(prompts, self.tokenizer.model_max_length)
@@ -92,26 +122,26 @@ class StableDiffusion:
         """The UNet's context [B, tokens, width]: the text encoder's normed last hidden state."""
         return clip.encode_text(params["text_encoder"], self.text, ids).last_hidden_state
 
-    def predict_noise(self, params: dict, latents: jax.Array, timesteps: jax.Array, context: jax.Array) -> jax.Array:
-        """The UNet's output for NCHW latents (float32 in, float32 out; computed in the weights' dtype)."""
+    def encode_prompt(self, params: dict, ids: jax.Array, weights: jax.Array, empty: jax.Array,
+                      height: int, width: int) -> dict:
+        """The UNet's conditioning for prompts of C chunks: ids int32 [B, 1, C*L], A1111 emphasis
+        weights [B, C*L] -> {"context": [B, C*L, width]}. Each chunk is encoded on its own (BOS and
+        EOS of its own), as A1111 does, then weighted and concatenated. `empty`, `height` and
+        `width` are for families that need them (SDXL); SD 1.x/2.x conditions on the text alone."""
+        batch, _, tokens = ids.shape
+        length = self.spec.max_tokens
+        chunks = tokens // length
+        hidden = self.encode_text(params, ids[:, 0].reshape(batch * chunks, length))
+        return {"context": emphasize(hidden.reshape(batch, chunks, length, -1), weights)}
+
+    def predict_noise(self, params: dict, latents: jax.Array, timesteps: jax.Array, cond: dict) -> jax.Array:
+        """The UNet's output for NCHW latents (float32 in, float32 out; computed in the weights' dtype).
+        `cond` is what `encode_prompt` gave; an inpainting UNet's latents carry the mask and the
+        masked image's latents as channels of their own."""
         dtype = _dtype(params["unet"])
         out = unet.apply_unet(params["unet"], self.unet, latents.astype(dtype), timesteps.astype(jnp.float32),
-                              context.astype(dtype))
+                              cond["context"].astype(dtype))
         return out.astype(jnp.float32)
-
-    def decode(self, params: dict, latents: jax.Array) -> jax.Array:
-        """Finished pixels: uint8 [B, H, W, 3] from NCHW latents in the UNet's (scaled) space."""
-        dtype = _dtype(params["vae"])
-        image = vae.decode(params["vae"], self.vae, (latents / self.vae.scaling_factor).astype(dtype))
-        image = (image.astype(jnp.float32) / 2 + 0.5).clip(0, 1).transpose(0, 2, 3, 1)
-        return jnp.round(image * 255).astype(jnp.uint8)
-
-    def encode(self, params: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """The latent distribution of NCHW images in [-1, 1]: (mean, std), in the UNet's (scaled) space."""
-        dtype = _dtype(params["vae"])
-        mean, logvar = vae.encode(params["vae"], self.vae, images.astype(dtype))
-        std = jnp.exp(0.5 * logvar.astype(jnp.float32))
-        return mean.astype(jnp.float32) * self.vae.scaling_factor, std * self.vae.scaling_factor
 
     def check_safety(self, params: dict, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(pixels with flagged images blacked out, flags [B]); without a checker nothing is flagged."""

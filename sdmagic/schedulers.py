@@ -15,6 +15,13 @@ model-evaluation index `i`, so a whole sampling run is one `jax.lax.fori_loop`:
         return sampler.step(steps, i, state, x, model_output, noise=lambda: normal(i))
     x, _ = jax.lax.fori_loop(0, sampler.evaluations(steps), body, (x, state))
 
+Image-to-image starts part way, as diffusers' img2img and inpaint pipelines do after
+`set_begin_index` on sliced timesteps: `start = sampler.first_evaluation(steps, strength)`,
+`x = sampler.add_noise(steps, start, x0, noise)`, and the same loop from `start` (which may be a traced
+value). Tables stay indexed by the absolute evaluation; what diffusers counts from the first step it
+runs (PLMS's counter, DPM-Solver's lower_order_nums, LMS's list of derivatives) is counted in the
+state from `init_state`, never by testing `i == 0`.
+
 The sampler's name fixes the algorithm, as A1111's label promises (DPM++ 2M is always second-order
 midpoint DPM-Solver++, "Karras" always Karras sigmas, PNDM always PLMS); the model's scheduler
 config gives the noise schedule: betas, prediction type, timestep spacing and offset, read with the
@@ -103,6 +110,18 @@ _REFUSED = {
     "ddim": {"thresholding": False},
     "dpm": {"thresholding": False, "use_flow_sigmas": False, "variance_type": None},
 }
+
+
+def denoising_steps(steps: int, strength: float) -> int:
+    """How many of `steps` denoising steps image-to-image runs at `strength`, as diffusers' img2img
+    and inpaint pipelines count them (`get_timesteps`): min(int(steps * strength), steps), rounded
+    down, so it may be 0 (diffusers then fails; the caller says what to do). Raises ValueError for a
+    strength outside [0, 1]."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating, np.integer)):
+        raise ValueError(f"strength must be a number between 0 and 1, not {strength!r}")
+    if not 0 <= strength <= 1:
+        raise ValueError(f"strength must be between 0 and 1, not {strength!r}")
+    return min(int(steps * float(strength)), steps)
 
 
 def sampler_name_for(class_name: str, config: dict) -> str:
@@ -343,8 +362,23 @@ class Sampler:
         """The standard deviation of the initial latents: x_T = standard normal * this."""
         return self._plan(steps).init_noise_sigma
 
+    # diffusers' `scheduler.order` (model evaluations per step in its slicing arithmetic): 1 for
+    # every class followed here, PLMS included (its extra evaluation is outside that arithmetic).
+    order = 1
+
+    def first_evaluation(self, steps: int, strength: float) -> int:
+        """The model evaluation image-to-image starts at: diffusers' `t_start * scheduler.order`
+        (0 at strength 1). Host-side; raises ValueError for a strength outside [0, 1]."""
+        self._plan(steps)  # checks steps
+        return (steps - denoising_steps(steps, strength)) * self.order
+
+    def add_noise(self, steps: int, i, x0, noise):
+        """`x0` noised to the level of evaluation `i` (traced or not), as this sampler's diffusers
+        class's `add_noise` does after `set_begin_index`: the latents that evaluation `i` expects."""
+        raise NotImplementedError
+
     def init_state(self, latents) -> dict:
-        """The state carried between steps: fixed-shape float32 arrays."""
+        """The state carried between steps: fixed-shape arrays, a run's start (at any evaluation)."""
         return {}
 
     def scale_input(self, steps: int, i, x):
@@ -402,11 +436,17 @@ _PLMS_WEIGHTS = {1: [1.0], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12], 4
 class PLMS(Sampler):
     """PNDMScheduler with skip_prk_steps: PLMS, linear multistep started by a Heun-like step.
 
-    There is one more evaluation than steps: the second timestep repeats. Evaluation 0 steps from
-    x_T with its own output; evaluation 1, at the next timestep, redoes that step from x_T with the
-    average of both outputs (and does not store its own); later evaluations use the Adams-Bashforth
-    combination of up to 4 stored outputs. Every step moves num_train_timesteps // steps, as diffusers.
-    Always PLMS, whatever the config's skip_prk_steps says (PNDM's Runge-Kutta start is not implemented).
+    There is one more evaluation than steps: the second timestep repeats. The first evaluation of a
+    run steps from its x with its own output; the second, at the next timestep, redoes that step from
+    the same x with the average of both outputs (and does not store its own); later evaluations use
+    the Adams-Bashforth combination of up to 4 stored outputs. Every step moves
+    num_train_timesteps // steps, as diffusers. Always PLMS, whatever the config's skip_prk_steps
+    says (PNDM's Runge-Kutta start is not implemented).
+
+    "First" and "second" count from the run's start (diffusers' `counter`, reset by set_timesteps):
+    an image-to-image run that starts at evaluation s treats evaluation s + 1 as the corrector of
+    the step from s, stepping from t_(s+1) + ratio to t_(s+1) as diffusers does on its sliced
+    timesteps, even where that is not where evaluation s stepped to.
     """
 
     def _make_plan(self, steps):
@@ -415,43 +455,75 @@ class PLMS(Sampler):
         rising = _spaced_timesteps(s, steps, round_linspace=True)[::-1].astype(np.int64)
         timesteps = np.concatenate([rising[:-1], rising[-2:-1], rising[-1:]])[::-1]
         alphas_cumprod = _alphas_cumprod(s, terminal_floor=False)
+        n = len(alphas_cumprod)
         final = 1.0 if s["set_alpha_to_one"] else alphas_cumprod[0]
-        rows = []
-        for k, t in enumerate(timesteps):
-            current, previous = (t + ratio, t) if k == 1 else (t, t - ratio)
-            _check_timestep(self.label, steps, current, len(alphas_cumprod))
+
+        def row(current, previous):
             a = alphas_cumprod[current]
             a_prev = alphas_cumprod[previous] if previous >= 0 else final
-            weights = np.zeros(4)
-            history = 1 if k < 2 else min(k, 4)
-            weights[:history] = _PLMS_WEIGHTS[history]
-            new_weight = 0.0
-            if k == 1:  # the average of this output and the stored first one
-                weights[0], new_weight = 0.5, 0.5
             # PNDM paper eq. 9, the step from t to t_prev given the noise prediction.
             denominator = a * (1 - a_prev) ** 0.5 + (a * (1 - a) * a_prev) ** 0.5
-            rows.append(dict(
-                weights=weights, new_weight=new_weight, sqrt_alpha=a**0.5, sqrt_one_minus_alpha=(1 - a) ** 0.5,
-                sample_coeff=(a_prev / a) ** 0.5, eps_coeff=(a_prev - a) / denominator,
-            ))
-        table = {key: np.array([row[key] for row in rows]) for key in rows[0]}
+            return dict(sqrt_alpha=a**0.5, sqrt_one_minus_alpha=(1 - a) ** 0.5, sample_coeff=(a_prev / a) ** 0.5,
+                        eps_coeff=(a_prev - a) / denominator)
+
+        rows = []
+        for k, t in enumerate(timesteps):
+            _check_timestep(self.label, steps, t, n)
+            if k == 1:
+                _check_timestep(self.label, steps, t + ratio, n)
+            plain = row(t, t - ratio)
+            # The corrector's step, used when this evaluation is the second of a run; never for k = 0.
+            corrector = row(min(t + ratio, n - 1), t) if k > 0 else plain
+            rows.append({**plain, **{"corrector_" + key: value for key, value in corrector.items()}})
+        table = {key: np.array([r[key] for r in rows]) for key in rows[0]}
+        # add_noise (DDPM's forward process at each evaluation's timestep), in float32 as diffusers.
+        table.update(_ddpm_noise_table(alphas_cumprod, timesteps))
         return _Plan(timesteps, 1.0, table)
 
     def init_state(self, latents):
         x = _float32(latents)
-        return {"outputs": jnp.zeros((4,) + x.shape, jnp.float32), "first_sample": jnp.zeros_like(x)}
+        return {"outputs": jnp.zeros((4,) + x.shape, jnp.float32), "first_sample": jnp.zeros_like(x),
+                "count": jnp.zeros((), jnp.int32)}
+
+    def add_noise(self, steps, i, x0, noise):
+        return _ddpm_add_noise(self._at(steps, i), x0, noise)
 
     def step(self, steps, i, state, x, model_output, noise):
         c = self._at(steps, i)
         x, model_output = _float32(x), _float32(model_output)
-        second = i == 1
+        k = state["count"]  # evaluations of this run before this one
+        second = k == 1
+        row = {key: jnp.where(second, c["corrector_" + key], c[key])
+               for key in ("sqrt_alpha", "sqrt_one_minus_alpha", "sample_coeff", "eps_coeff")}
+        weights = jnp.asarray(_PLMS_RUN_WEIGHTS)[jnp.minimum(k, 4)]
+        new_weight = jnp.where(second, jnp.float32(0.5), jnp.float32(0.0))
         outputs = jnp.where(second, state["outputs"], _push(state["outputs"], model_output))
         sample = jnp.where(second, state["first_sample"], x)
-        eps = c["new_weight"] * model_output + jnp.tensordot(c["weights"], outputs, axes=1)
+        eps = new_weight * model_output + jnp.tensordot(weights, outputs, axes=1)
         if self._settings["prediction_type"] == "v_prediction":
-            eps = c["sqrt_alpha"] * eps + c["sqrt_one_minus_alpha"] * sample
-        x_next = c["sample_coeff"] * sample - c["eps_coeff"] * eps
-        return x_next, {"outputs": outputs, "first_sample": jnp.where(i == 0, x, state["first_sample"])}
+            eps = row["sqrt_alpha"] * eps + row["sqrt_one_minus_alpha"] * sample
+        x_next = row["sample_coeff"] * sample - row["eps_coeff"] * eps
+        return x_next, {"outputs": outputs, "first_sample": jnp.where(k == 0, x, state["first_sample"]),
+                        "count": k + 1}
+
+
+# The stored outputs' weights by the evaluation's place in its run (0, 1, 2, 3, 4 or later),
+# newest first: the plain first step, the corrector's average (half of the stored first output;
+# the other half is the new output's), then Adams-Bashforth of 2, 3 and 4 outputs.
+_PLMS_RUN_WEIGHTS = np.array([
+    [1.0, 0, 0, 0], [0.5, 0, 0, 0], _PLMS_WEIGHTS[2] + [0, 0], _PLMS_WEIGHTS[3] + [0], _PLMS_WEIGHTS[4],
+], np.float32)
+
+
+def _ddpm_noise_table(alphas_cumprod: np.ndarray, timesteps: np.ndarray) -> dict:
+    """sqrt(alphas_cumprod[t]) and sqrt(1 - alphas_cumprod[t]) per evaluation, from float32
+    alphas_cumprod as DDPM-style add_noise (PNDM, DDIM) computes them."""
+    a = alphas_cumprod.astype(np.float32)[np.asarray(timesteps, np.int64)]
+    return dict(noise_alpha=np.sqrt(a), noise_sigma=np.sqrt(np.float32(1) - a))
+
+
+def _ddpm_add_noise(c: dict, x0, noise):
+    return c["noise_alpha"] * _float32(x0) + c["noise_sigma"] * _float32(noise)
 
 
 class DDIM(Sampler):
@@ -467,8 +539,11 @@ class DDIM(Sampler):
         a = alphas_cumprod[timesteps]
         a_prev = np.where(previous >= 0, alphas_cumprod[np.maximum(previous, 0)], final)
         table = dict(sqrt_alpha=a**0.5, sqrt_beta=(1 - a) ** 0.5, sqrt_alpha_prev=a_prev**0.5,
-                     sqrt_beta_prev=(1 - a_prev) ** 0.5)
+                     sqrt_beta_prev=(1 - a_prev) ** 0.5, **_ddpm_noise_table(alphas_cumprod, timesteps))
         return _Plan(timesteps, 1.0, table)
+
+    def add_noise(self, steps, i, x0, noise):
+        return _ddpm_add_noise(self._at(steps, i), x0, noise)
 
     def step(self, steps, i, state, x, model_output, noise):
         c = self._at(steps, i)
@@ -486,6 +561,11 @@ class DDIM(Sampler):
         return c["sqrt_alpha_prev"] * x0 + c["sqrt_beta_prev"] * eps, state
 
 
+def _sigma_add_noise(c: dict, x0, noise):
+    """add_noise of the sigma-based classes (LMS, Euler, Euler a): x0 + noise * sigma."""
+    return _float32(x0) + _float32(noise) * c["sigma"]
+
+
 def _discrete_sigmas(s: dict, steps: int) -> tuple[np.ndarray, np.ndarray]:
     """(timesteps, their sigmas) as LMS, Euler and Euler a space them, before Karras or a final sigma."""
     timesteps = _spaced_timesteps(s, steps, round_linspace=False)
@@ -495,9 +575,13 @@ def _discrete_sigmas(s: dict, steps: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class LMS(Sampler):
-    """LMSDiscreteScheduler (k-diffusion's K-LMS, order 4), optionally on Karras sigmas."""
+    """LMSDiscreteScheduler (k-diffusion's K-LMS, order 4), optionally on Karras sigmas.
 
-    order = 4
+    The coefficients' order grows with the absolute evaluation (diffusers' min(step_index + 1, 4)),
+    the derivatives with the run's own steps.
+    """
+
+    lms_order = 4
 
     def _make_plan(self, steps):
         s = self._settings
@@ -507,12 +591,17 @@ class LMS(Sampler):
             timesteps = _sigma_to_t(sigmas, np.log(_training_sigmas(s)))
         sigmas = np.concatenate([sigmas, [0.0]])
         table = dict(sigma=sigmas[:-1], input_divisor=(sigmas[:-1] ** 2 + 1) ** 0.5,
-                     coefficients=_lms_coefficients(sigmas, len(timesteps), self.order))
+                     coefficients=_lms_coefficients(sigmas, len(timesteps), self.lms_order))
         return _Plan(timesteps, _max_input_sigma(s, sigmas), table)
 
     def init_state(self, latents):
+        # Zeros stand for derivatives this run has not computed: a run that starts at evaluation s
+        # combines only its own, as diffusers' zip over its (then shorter) list of derivatives.
         x = _float32(latents)
-        return {"derivatives": jnp.zeros((self.order,) + x.shape, jnp.float32)}
+        return {"derivatives": jnp.zeros((self.lms_order,) + x.shape, jnp.float32)}
+
+    def add_noise(self, steps, i, x0, noise):
+        return _sigma_add_noise(self._at(steps, i), x0, noise)
 
     def scale_input(self, steps, i, x):
         return _float32(x) / self._at(steps, i)["input_divisor"]
@@ -551,6 +640,9 @@ class Euler(Sampler):
 
     def scale_input(self, steps, i, x):
         return _float32(x) / self._at(steps, i)["input_divisor"]
+
+    def add_noise(self, steps, i, x0, noise):
+        return _sigma_add_noise(self._at(steps, i), x0, noise)
 
     def _euler(self, steps, i, x, model_output):
         """The Euler step over the table's dt, and the table row."""
@@ -639,7 +731,12 @@ class DPMSolver2M(Sampler):
         return _Plan(timesteps, 1.0, table)
 
     def init_state(self, latents):
-        return {"previous_x0": jnp.zeros_like(_float32(latents))}
+        # `count` is diffusers' lower_order_nums: a run's first step is first order wherever it starts.
+        return {"previous_x0": jnp.zeros_like(_float32(latents)), "count": jnp.zeros((), jnp.int32)}
+
+    def add_noise(self, steps, i, x0, noise):
+        c = self._at(steps, i)
+        return c["alpha"] * _float32(x0) + c["sigma_vp"] * _float32(noise)
 
     def step(self, steps, i, state, x, model_output, noise):
         c = self._at(steps, i)
@@ -651,8 +748,9 @@ class DPMSolver2M(Sampler):
             x0 = c["alpha"] * x - c["sigma_vp"] * m
         else:
             x0 = m
-        x_next = c["sample_ratio"] * x + c["x0_coeff"] * x0 + c["d1_coeff"] * (x0 - state["previous_x0"])
-        return x_next, {"previous_x0": x0}
+        d1_coeff = jnp.where(state["count"] > 0, c["d1_coeff"], jnp.float32(0.0))
+        x_next = c["sample_ratio"] * x + c["x0_coeff"] * x0 + d1_coeff * (x0 - state["previous_x0"])
+        return x_next, {"previous_x0": x0, "count": state["count"] + 1}
 
 
 _FAMILIES = {"pndm": PLMS, "ddim": DDIM, "lms": LMS, "dpm": DPMSolver2M, "euler": Euler, "euler-a": EulerAncestral}

@@ -260,3 +260,123 @@ def test_samplers_are_keys_of_their_math():
         assert json.loads(json.dumps(sampler.cache_key())) == json.loads(json.dumps(sampler.cache_key()))
         assert len(json.dumps(sampler.cache_key())) < 1000
     assert {ddim.label, trained.label, clipped.label} == {"DDIM", "Euler", "DPM++ 2M"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Partial runs (image-to-image and inpainting): diffusers' get_timesteps + set_begin_index
+# ----------------------------------------------------------------------------------------------
+
+# A mask for the inpainting blend (1 = keep the sampler's latents, 0 = the noised original).
+_BLEND = (np.arange(np.prod(SHAPE)).reshape(SHAPE) % 3 != 0).astype(np.float32)
+
+
+def _torch_partial_run(name, config, steps, strength, monkeypatch, *, blend):
+    """diffusers' img2img loop (inpaint's when `blend`): noised x0 at the first timestep run, then
+    the sliced timesteps; with `blend` the 4-channel inpainting blend after every step."""
+    cls, overrides = REFERENCE[name]
+    scheduler = cls.from_config({**config, **overrides})
+    scheduler.set_timesteps(steps)
+    x0, noises, phase = _inputs(len(scheduler.timesteps))
+    noise = torch.from_numpy(noises[-1])
+    init_timestep = min(int(steps * strength), steps)
+    t_start = max(steps - init_timestep, 0)
+    timesteps = scheduler.timesteps[t_start * scheduler.order:]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start * scheduler.order)
+    # Euler a's draws: the absolute evaluation's noise, as sdmagic's contract gives it.
+    draws = iter(torch.from_numpy(n) for n in noises[t_start * scheduler.order:])
+    monkeypatch.setattr(scheduling_euler_ancestral_discrete, "randn_tensor", lambda *a, **k: next(draws))
+    phase = torch.from_numpy(phase)
+    original = torch.from_numpy(x0)
+    x = scheduler.add_noise(original, noise, timesteps[:1])
+    mask = torch.from_numpy(_BLEND)
+    for i, t in enumerate(timesteps):
+        model_output = _fake_model(torch, scheduler.scale_model_input(x, t), t.to(torch.float32), phase)
+        x = scheduler.step(model_output, t, x).prev_sample
+        if blend:
+            proper = original
+            if i < len(timesteps) - 1:
+                proper = scheduler.add_noise(original, noise, torch.tensor([timesteps[i + 1]]))
+            x = (1 - mask) * proper + mask * x
+    return len(timesteps), x.numpy()
+
+
+def _jax_partial_run(sampler, steps, start, *, blend, compiled):
+    """The same from evaluation `start` (traced when compiled)."""
+    x0, noises, phase = _inputs(sampler.evaluations(steps))
+    timesteps = sampler.timesteps(steps)
+    evaluations = sampler.evaluations(steps)
+    noise = jnp.asarray(noises[-1])
+
+    def body(i, carry):
+        x, state = carry
+        t = jnp.asarray(timesteps)[i]
+        model_output = _fake_model(jnp, sampler.scale_input(steps, i, x), t, phase)
+        x, state = sampler.step(steps, i, state, x, model_output, lambda: jnp.asarray(noises)[i])
+        if blend:
+            proper = jnp.where(i < evaluations - 1,
+                               sampler.add_noise(steps, jnp.minimum(i + 1, evaluations - 1), x0, noise), x0)
+            x = (1 - _BLEND) * proper + _BLEND * x
+        return x, state
+
+    def run(x0, start):
+        x = sampler.add_noise(steps, start, x0, noise)
+        carry = (x, sampler.init_state(x))
+        if compiled:
+            return jax.lax.fori_loop(start, evaluations, body, carry)[0]
+        for i in range(int(start), evaluations):
+            carry = body(jnp.int32(i), carry)
+        return carry[0]
+
+    start = jnp.int32(start)
+    return np.asarray(jax.jit(run)(x0, start) if compiled else run(jnp.asarray(x0), start))
+
+
+STRENGTHS = (0.3, 0.5, 0.75, 1.0)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("name", schedulers.SAMPLERS)
+def test_partial_runs_match_diffusers(name, config, monkeypatch):
+    """Every sampler started at every strength's evaluation, as img2img and as inpainting (the
+    blend noises the original to each later evaluation's level), equals diffusers' sliced run."""
+    sampler = schedulers.make_sampler(name, CONFIGS[config])
+    steps = 7
+    for strength in STRENGTHS:
+        start = sampler.first_evaluation(steps, strength)
+        for blend in (False, True):
+            count, expected = _torch_partial_run(name, CONFIGS[config], steps, strength, monkeypatch, blend=blend)
+            assert sampler.evaluations(steps) - start == count
+            latents = _jax_partial_run(sampler, steps, start, blend=blend, compiled=False)
+            assert _relative_error(latents, expected) < RELATIVE_TOLERANCE, (strength, blend)
+
+
+@pytest.mark.parametrize("name", ["pndm", "dpm-karras", "euler-a"])
+def test_partial_runs_trace_their_start(name, monkeypatch):
+    """One jitted loop whose start is an argument gives every strength's run."""
+    sampler = schedulers.make_sampler(name, SD1)
+    steps = 7
+    for strength in (0.5, 1.0):
+        _, expected = _torch_partial_run(name, SD1, steps, strength, monkeypatch, blend=True)
+        latents = _jax_partial_run(sampler, steps, sampler.first_evaluation(steps, strength), blend=True, compiled=True)
+        assert _relative_error(latents, expected) < RELATIVE_TOLERANCE, strength
+
+
+def test_plms_restarts_its_counter_part_way():
+    """diffusers' PNDM on sliced timesteps treats the run's second evaluation as the corrector of
+    its first step, whatever timestep it is at: at 4 steps and strength 0.5, [501, 251, 1]."""
+    sampler = schedulers.make_sampler("pndm", SD1)
+    assert sampler.first_evaluation(4, 0.5) == 2
+    assert list(sampler.timesteps(4)[2:]) == [501, 251, 1]
+
+
+def test_denoising_steps_round_down_as_diffusers():
+    assert schedulers.denoising_steps(50, 0.75) == 37
+    assert schedulers.denoising_steps(4, 0.5) == 2
+    assert schedulers.denoising_steps(3, 0.3) == 0  # no step: the caller must refuse it
+    assert schedulers.denoising_steps(10, 1.0) == 10
+    sampler = schedulers.make_sampler("euler", SD1)
+    assert sampler.first_evaluation(10, 1.0) == 0 and sampler.first_evaluation(10, 0.25) == 8
+    for bad in (-0.1, 1.5, float("nan"), "0.5", True):
+        with pytest.raises(ValueError, match="strength"):
+            schedulers.denoising_steps(10, bad)
