@@ -78,6 +78,62 @@ cells = [
     ),
     new_code_cell("%sd_setup --model tiny --scheduler euler-a"),
     new_code_cell("%%sd --seed 3 --n 4\na starfinder planet landscape, concept art, 4k"),
+    new_markdown_cell(
+        "## Prompts as AUTOMATIC1111 users write them\n`(word:1.3)` weighs a word more, `(word)` by 1.1, "
+        "`[word]` less (`\\(` for a literal bracket). Prompts past 75 tokens are read in 75-token chunks "
+        "(up to 600 tokens), each chunk count compiling once."
+    ),
+    new_code_cell(
+        "%%sd --seed 3\n"
+        "a (red:1.4) fox in the [snow]\n"
+        + "a very long prompt, " * 12 + "in the style of an old master"
+    ),
+    new_markdown_cell(
+        "## Image-to-image and inpainting\nStart from a picture: `--init` (resized to cover the size, "
+        "centre-cropped), `--strength` (how much to change it: 0.75 by default; `int(steps * strength)` steps "
+        "run). Add `--mask` (white = repaint) to inpaint: the rest of the picture stays exactly as it was. "
+        "A new picture, mask or strength compiles nothing. Here the picture and mask are made in the notebook."
+    ),
+    new_code_cell(
+        "import numpy as np\n"
+        "from PIL import Image, ImageDraw\n\n"
+        "picture = Image.new(\"RGB\", (64, 64), \"#4a7fb5\")\n"
+        "ImageDraw.Draw(picture).ellipse((12, 20, 52, 60), fill=\"#d9a441\")\n"
+        "picture.save(\"output/init.png\")\n"
+        "mask = Image.new(\"L\", (64, 64), 0)\n"
+        "ImageDraw.Draw(mask).rectangle((0, 0, 63, 24), fill=255)  # repaint the sky\n"
+        "mask.save(\"output/mask.png\")\n"
+        "picture.resize((128, 128))"
+    ),
+    new_code_cell(
+        "%%sd --seed 5 --init output/init.png\n"
+        "a sunset over a hill -- --strength 0.5\n"
+        "a sunset over a hill -- --strength 0.9\n"
+        "a stormy sky over a hill -- --mask output/mask.png --mask-blur 2"
+    ),
+    new_markdown_cell(
+        "## LoRA\n`%sd_setup --lora FILE[:WEIGHT]` merges kohya/A1111 or diffusers/PEFT LoRA files into the "
+        "weights at load; `%sd_lora FILE WEIGHT` changes a weight later without reloading the model or "
+        "compiling. Here a small random LoRA for `tiny` is written first (a real one comes from Civitai or the Hub)."
+    ),
+    new_code_cell(
+        "from safetensors.numpy import save_file\n\n"
+        "rng = np.random.default_rng(0)\n"
+        "key = \"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_v\"\n"
+        "save_file({f\"{key}.lora_down.weight\": rng.normal(0, 1, (4, 32)).astype(np.float32),\n"
+        "           f\"{key}.lora_up.weight\": rng.normal(0, 1, (64, 4)).astype(np.float32),\n"
+        "           f\"{key}.alpha\": np.float32(4)}, \"output/style.safetensors\")"
+    ),
+    new_code_cell("%sd_setup --model tiny --lora output/style.safetensors:0.8"),
+    new_code_cell("%%sd --seed 3 --n 4\na starfinder planet landscape, concept art, 4k"),
+    new_code_cell("%sd_lora output/style.safetensors 0\n%sd_lora output/style.safetensors 1.5"),
+    new_code_cell("%%sd --seed 3 --n 4\na starfinder planet landscape, concept art, 4k"),
+    new_markdown_cell(
+        "## SDXL\n`tiny-sdxl` is SDXL's architecture in miniature: two text encoders, pooled text and size "
+        "conditioning. A real one: `%sd_setup --model stabilityai/stable-diffusion-xl-base-1.0` (1024x1024)."
+    ),
+    new_code_cell("%sd_setup --model tiny-sdxl"),
+    new_code_cell("%%sd --seed 3 --n 4\na starfinder planet landscape, concept art, 4k"),
     new_markdown_cell("## The same from plain Python"),
     new_code_cell(
         "import sdmagic\n\n"

@@ -5,7 +5,7 @@
     %%sd --seed 3
     a red fox in the snow
 
-or from plain Python:
+(also `--init photo.png --strength 0.6`, `--mask`, `%sd_setup --lora FILE:0.8`, `%sd_lora`), or from plain Python:
 
     import sdmagic
     session = sdmagic.setup(model="tiny")
@@ -20,6 +20,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "GenerationResult",
+    "LoraWarning",
     "Prompt",
     "SDMagicError",
     "Session",
@@ -36,6 +37,7 @@ _LAZY = {
     "Session": ("session", "Session"),
     "GenerationResult": ("output", "GenerationResult"),
     "Prompt": ("prompts", "Prompt"),
+    "LoraWarning": ("lora", "LoraWarning"),
     "read_parameters": ("saving", "read_parameters"),
 }
 
@@ -55,7 +57,7 @@ def __dir__() -> list[str]:
 
 
 def load_ipython_extension(ipython) -> None:
-    """`%load_ext sdmagic`: register %sd_setup, %sd / %%sd, %sd_time, %sd_history, %sd_show, %sd_from_png."""
+    """`%load_ext sdmagic`: register %sd_setup, %sd / %%sd, %sd_lora, %sd_time, %sd_history, %sd_show, %sd_from_png."""
     from .magics import SDMagics
 
     ipython.register_magics(SDMagics)
@@ -72,5 +74,5 @@ def unload_ipython_extension(ipython) -> None:
         ipython.configurables.remove(magics)
     for kind in ("line", "cell"):
         table = ipython.magics_manager.magics[kind]
-        for name in ("sd_setup", "sd", "sd_time", "sd_history", "sd_show", "sd_from_png"):
+        for name in ("sd_setup", "sd", "sd_lora", "sd_time", "sd_history", "sd_show", "sd_from_png"):
             table.pop(name, None)

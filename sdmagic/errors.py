@@ -25,7 +25,7 @@ class ModelLoadError(SDMagicError):
 _IN_MAGIC = contextvars.ContextVar("sdmagic_in_magic", default=False)
 
 # API keyword -> magic flag, where they differ from `--` + the keyword with '-' for '_'.
-_FLAGS = {"images_per_prompt": "--n", "cache": "--no-cache", "safety_checker": "--no-safety-checker"}
+_FLAGS = {"images_per_prompt": "--n", "init_image": "--init", "cache": "--no-cache", "safety_checker": "--no-safety-checker"}
 
 
 @contextmanager

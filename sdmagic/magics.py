@@ -55,7 +55,8 @@ def _parse(magic, line: str):
         raise UsageError(f"{err} (see %{name}? for the options)") from None
 
 
-_LINE_OPTIONS = ("--seed", "--n", "--guidance", "--negative", "--steps", "--height", "--width")
+_LINE_OPTIONS = ("--seed", "--n", "--guidance", "--negative", "--steps", "--height", "--width", "--init", "--mask",
+                 "--strength", "--mask-blur")
 
 
 class _LineOptionParser(argparse.ArgumentParser):
@@ -66,7 +67,7 @@ class _LineOptionParser(argparse.ArgumentParser):
 def _line_option_parser() -> argparse.ArgumentParser:
     parser = _LineOptionParser(prog="", add_help=False, allow_abbrev=False)
     for option in _LINE_OPTIONS:
-        parser.add_argument(option, default=None)
+        parser.add_argument(option, default=None, dest=option[2:].replace("-", "_"))
     return parser
 
 
@@ -144,6 +145,7 @@ class SDMagics(Magics):
     @argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: bfloat16 on TPU/GPU, float32 on CPU)")
     @argument("--scheduler", default=None, help="pndm (PLMS) | ddim | lms | lms-karras | dpm (DPM++ 2M) | dpm-karras | euler | euler-a (Euler a); default: the model's own")
     @argument("--no-safety-checker", action="store_true", help="do not run the model's safety checker")
+    @argument("--lora", action="append", default=None, metavar="FILE[:WEIGHT]", help="merge a LoRA file (kohya/A1111 or diffusers/PEFT .safetensors) into the weights, with WEIGHT (default 1); repeatable")
     @argument("--devices", default=None, help="use only the first N devices (default: all)")
     @argument("--per-device-batch", default=None, help="images per device per call (default: CPU 1, TPU 1-2, GPU by memory)")
     @argument("--cache-dir", default=None, help="where compiled code is kept across restarts (default: $SDMAGIC_CACHE_DIR or ~/.cache/sdmagic/compiled)")
@@ -176,6 +178,7 @@ class SDMagics(Magics):
                 cache_dir=args.cache_dir,
                 config=args.config,
                 trust_pickle=args.trust_pickle,
+                lora=args.lora,
                 replacing=self.session,
             )
             self.session.history.max_images = self.history_images
@@ -200,6 +203,10 @@ class SDMagics(Magics):
     @argument("--width", default=None, help="image width in pixels (default: the model's native size)")
     @argument("--negative", default=None, help="negative prompt, quoted if it has spaces")
     @argument("--n", default=None, help="images per prompt (default 1)")
+    @argument("--init", default=None, metavar="PATH", help="image-to-image from this picture (resized to cover the size, centre-cropped)")
+    @argument("--strength", default=None, help="with --init: how much to change it, 0 < S <= 1 (default 0.75; 1.0 with --mask); runs int(steps * S) steps")
+    @argument("--mask", default=None, metavar="PATH", help="with --init: inpaint where this mask is white; the rest keeps the init image")
+    @argument("--mask-blur", default=None, help="with --mask: blur the mask's edge by N pixels (default 0)")
     @argument("--cols", default=None, help="grid columns (default: up to 4)")
     @argument("--per-device-batch", default=None, help="images per device per call, for this cell (default: %%sd_setup's)")
     @argument("--save", default=None, metavar="DIR", help="write each image (PNG with its parameters) and the grid to DIR")
@@ -211,7 +218,9 @@ class SDMagics(Magics):
 
         A line may end with options of its own after ' -- ', e.g.
         `a red fox in snow -- --seed 7 --n 2 --guidance 5` (also --negative, --steps, --height,
-        --width); lines of other sizes or steps run in their own compiled calls.
+        --width, --init, --mask, --strength, --mask-blur); lines of other sizes or steps run in their
+        own compiled calls. Prompts take A1111's emphasis, `(word:1.3)`, `(word)`, `[word]`, and
+        may be longer than 75 tokens (read in 75-token chunks, up to 600 tokens).
         All prompts are spread over every device in calls of one compiled shape; the result is
         returned (so `_` holds it) and shows itself as a captioned grid. Defaults come from
         %config SDMagics.default_* (see the README).
@@ -240,6 +249,10 @@ class SDMagics(Magics):
                 width=_or(args.width, self.default_width),
                 negative=_or(args.negative, self.default_negative),
                 images_per_prompt=_or(args.n, self.default_n),
+                init_image=args.init,
+                strength=args.strength,
+                mask=args.mask,
+                mask_blur=args.mask_blur,
                 per_device_batch=_or(args.per_device_batch, self.default_per_device_batch),
                 save=None if args.no_save else _or(args.save, self.save_dir),
                 cols=_or(args.cols, self.default_cols),
@@ -247,6 +260,22 @@ class SDMagics(Magics):
         if result.seed_was_random:
             print(f"random seed {result.seeds[0]} (repeat with --seed {result.seeds[0]})")
         return result
+
+    @magic_arguments()
+    @argument("file", nargs="?", default=None, help="a LoRA file (.safetensors, kohya/A1111 or diffusers/PEFT)")
+    @argument("weight", nargs="?", default=None, help="its weight (default 1; 0 takes it out)")
+    @argument("--trust-pickle", action="store_true", help="allow a pickled LoRA (.pt/.ckpt/.bin), read only with torch.load(weights_only=True)")
+    @line_magic
+    def sd_lora(self, line):
+        """Merge a LoRA into the loaded model's weights, or change its weight (0 takes it out);
+        without arguments, list the merged LoRAs. Only the layers it touches are recomputed from
+        their values before any LoRA: the model is not read again and nothing compiles again."""
+        args = _parse(self.sd_lora, line)
+        session = self._require_session()
+        if args.file is not None:
+            with _usage_errors():
+                session.set_lora(args.file, 1.0 if args.weight is None else args.weight, trust_pickle=args.trust_pickle)
+        print(f"LoRA: {session.loras.describe()}")
 
     @magic_arguments()
     @argument("--runs", default=None, help="re-run the last %%%%sd configuration N times and report median/min/max")
@@ -299,13 +328,16 @@ class SDMagics(Magics):
     @magic_arguments()
     @argument("file", help="a PNG saved by sdmagic (or AUTOMATIC1111) with its 'parameters'")
     @argument("--save", default=None, metavar="DIR", help="save the new image to DIR")
+    @argument("--init", default=None, metavar="PATH", help="the init image, for an image made by image-to-image or inpainting")
+    @argument("--mask", default=None, metavar="PATH", help="the mask, for an inpainted image")
     @line_magic
     def sd_from_png(self, line):
         """Make a saved image again from the settings in its PNG: same prompt, seed, steps, guidance, size."""
         args = _parse(self.sd_from_png, line)
         session = self._require_session()
         with _usage_errors():
-            return session.generate_from_png(args.file, save=_or(args.save, self.save_dir))
+            images = {k: v for k, v in (("init_image", args.init), ("mask", args.mask)) if v is not None}
+            return session.generate_from_png(args.file, save=_or(args.save, self.save_dir), **images)
 
 
 def _whole(value: str, option: str) -> int:

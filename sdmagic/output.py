@@ -73,6 +73,10 @@ class ImageInfo:
     width: int
     height: int
     nsfw: bool = False
+    strength: float | None = None  # image-to-image and inpainting: the denoising strength
+    mask_blur: int | None = None  # inpainting: the mask's blur radius in pixels
+    init: str | None = None  # where the init image came from (a file name), for the record
+    loras: tuple = ()  # (name, weight, short hash) of each LoRA merged into the weights
 
 
 @dataclass

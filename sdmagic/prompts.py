@@ -3,12 +3,16 @@
 A line may carry its own options after ` -- `, like AUTOMATIC1111's prompts-from-file:
 
     a red fox in snow -- --seed 7 --n 2 --guidance 5
+    the same fox at dusk -- --init fox.png --strength 0.6
+
+A1111's emphasis and long prompts are prompt_weights.py's concern.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 # " -- " (or a trailing " --", or a "-- " that starts the line) separates a prompt from its
 # options; a "--" inside a word does not.
@@ -27,6 +31,10 @@ class Prompt:
     steps: int | None = None
     height: int | None = None
     width: int | None = None
+    init: Any = None  # an init image: a path or a PIL image (image-to-image, inpainting)
+    mask: Any = None  # a mask image, white = repaint (inpainting; needs `init`)
+    strength: float | None = None
+    mask_blur: int | None = None
 
 
 def split_line(line: str) -> tuple[str, str | None]:

@@ -28,7 +28,7 @@ import re
 import struct
 import unicodedata
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from PIL import Image, PngImagePlugin
 
@@ -88,10 +88,30 @@ def parameters_text(info: Any, model: str, scheduler: str) -> str:
         "Seed": info.seed,
         "Size": f"{info.width}x{info.height}",
         "Model": model,
-        "Version": f"sdmagic {__version__}",
     }
+    # A1111's names for its img2img/inpainting settings and the LoRAs in the weights.
+    if getattr(info, "strength", None) is not None:
+        settings["Denoising strength"] = _number(info.strength)
+    if getattr(info, "mask_blur", None) is not None:
+        settings["Mask blur"] = info.mask_blur
+    settings.update(lora_settings(getattr(info, "loras", ())))
+    settings["Version"] = f"sdmagic {__version__}"
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in settings.items())
     return f"{_prompt_block(info.prompt, info.negative)}\n{line}"
+
+
+def lora_settings(loras: Sequence[tuple[str, float, str]]) -> dict[str, str]:
+    """The LoRAs merged into the weights, (name, weight, short hash) each, as settings: A1111's
+    `Lora hashes` (name: A1111's short hash, lora.py), and `Lora weights`, since sdmagic
+    merges LoRAs at setup where A1111 writes `<lora:name:weight>` into the prompt."""
+    if not loras:
+        return {}
+    # Names lose ':' and ',' as A1111's extra_networks_lora.py writes them, so the list reads back.
+    names = [name.replace(":", "").replace(",", "") for name, _, _ in loras]
+    return {
+        "Lora hashes": ", ".join(f"{name}: {short_hash}" for name, (_, _, short_hash) in zip(names, loras)),
+        "Lora weights": ", ".join(f"{name}: {_number(weight)}" for name, (_, weight, _) in zip(names, loras)),
+    }
 
 
 def _settings_items(line: str) -> list[tuple[str, str]]:

@@ -30,7 +30,9 @@ from .models import LoadedModel, load_model, resolve_dtype
 from .output import GenerationResult, ImageInfo, to_pil
 from .prompts import Prompt
 from .saving import save_folder
+from .schedulers import denoising_steps
 from .history import History
+from .merged_loras import LoraSet, lora_set
 from .text import printable
 from .timing import RunRecord, TimingLog, TimingReport
 
@@ -48,9 +50,11 @@ MAX_COLS = 64
 # More would not be faster, and would make Ctrl-C wait: on the CPU backend starting a second call
 # blocks, uninterruptibly, until the first is done, and the next cell waits for every call left.
 MAX_CALLS_IN_FLIGHT = 1
-# Prompts are tokenized up to this many characters: far beyond any encoder's window, and a 10 MB
-# prompt then costs no more than a long one.
-MAX_PROMPT_CHARS = 16384
+# Image-to-image keeps this much of the init image's noise level unless told otherwise (A1111's
+# default denoising strength); inpainting repaints the masked region from pure noise by default
+# (diffusers' default, and what inpainting checkpoints are trained for).
+DEFAULT_STRENGTH = {"img2img": 0.75, "inpaint": 1.0}
+MAX_MASK_BLUR = 256
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -87,7 +91,7 @@ class _Call:
     key: gen.ShapeKey
     first: int
     count: int
-    inputs: tuple
+    inputs: dict  # name -> host array, as generate's executable takes them
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,14 @@ class GenerationRequest:
     width: int
     seed_was_random: bool
     positions: tuple[int, ...] = ()
+    mode: str = "txt2img"  # "img2img" (an init image) or "inpaint" (an init image and a mask)
+    chunks: int = 1  # 75-token prompt chunks every image's prompt and negative are padded to
+    start: int = 0  # the first model evaluation (image-to-image starts part way)
+    strengths: tuple[float | None, ...] = ()
+    inits: tuple = ()  # uint8 [H, W, 3] per image (the init image, fitted to the size), or None
+    masks: tuple = ()  # float32 [H, W] per image (1 = repaint, blurred), or None
+    mask_blurs: tuple[int | None, ...] = ()
+    init_names: tuple[str | None, ...] = ()
 
 
 def _as_int(keyword: str, value: Any, minimum: int, maximum: int, hint: str) -> int:
@@ -158,6 +170,7 @@ class Session:
         executable_store: ExecutableStore | None = None,
         history: History | None = None,
         timings: TimingLog | None = None,
+        loras: LoraSet | None = None,
     ):
         """`history` and `timings`: carried over from an earlier session (a new %sd_setup keeps
         them); each record names the model and scheduler that made it."""
@@ -176,6 +189,9 @@ class Session:
         self.step_progress = False
         self.steps_reported = 0
         self._step_bar = None
+        # The LoRAs merged into `model.params`, with the touched weights' values before merging, so
+        # that a LoRA's weight changes without reading the base model again.
+        self.loras = loras if loras is not None else LoraSet()
         start = time.perf_counter()
         self.params = place_replicated(model.params, plan)
         jax.block_until_ready(self.params)
@@ -214,11 +230,30 @@ class Session:
         return (
             f"sdmagic: {self.plan.describe()}, {per_call} | model {printable(self.model.name, 160)} ({self.model.scheduler_name},"
             f" {self.model.dtype}, {param_mb:.0f} MB per device) | {checker} |"
+            f"{' LoRA ' + self.loras.describe() + ' |' if self.loras.loras else ''}"
             f" loaded in {self.model.load_seconds + self.place_seconds:.1f} s"
         )
 
     def __repr__(self) -> str:
         return f"<Session {self.describe()}>"
+
+    # ------------------------------------------------------------------ LoRA
+
+    def lora_record(self) -> tuple:
+        """(name, weight, short hash) of each LoRA in the weights, as images record them."""
+        return self.loras.record()
+
+    def set_lora(self, path: str | os.PathLike, weight: float = 1.0, *, trust_pickle: bool = False) -> None:
+        """Merge the LoRA file at `path` with `weight` into the weights on the devices, or change its
+        weight if it is merged already (0 takes it out). Only the layers LoRAs touch are recomputed,
+        from their values before any LoRA (kept on the host), and sent to the devices: the base model
+        is not read again and nothing is compiled again."""
+        if self._closed:
+            raise SDMagicError("this session was closed (a newer %sd_setup replaced it): use the new one")
+        updated = self.loras.with_lora(path, weight, self.params, self.model.model, trust_pickle=trust_pickle)
+        placed = place_replicated(updated.merged_leaves(), self.plan)
+        self.params = updated.with_leaves(self.params, placed)
+        self.loras = updated
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -258,11 +293,17 @@ class Session:
         width: int | None = None,
         negative: str | None = None,
         images_per_prompt: int = 1,
+        init_image: Any = None,
+        mask: Any = None,
+        strength: float | None = None,
+        mask_blur: int | None = None,
     ) -> list[GenerationRequest]:
-        """Validate everything before any device work, so a mistake costs nothing.
+        """Validate everything before any device work, so a mistake costs nothing: options, init
+        images and masks (read and fitted to the size here), prompt lengths.
 
         A `Prompt` may override any option for its own images; images are grouped into one request
-        per compiled shape (steps, height, width), keeping their place in the cell.
+        per compiled shape (steps, size, mode, prompt chunks) and first denoising step, keeping their
+        place in the cell.
         """
         if isinstance(prompts, (str, Prompt)):
             prompts = [prompts]
@@ -270,6 +311,7 @@ class Session:
         items = [replace(p, text=p.text.strip()) for p in items if p.text and p.text.strip()]
         if not items:
             raise SDMagicError("no prompts: give at least one prompt (one per line in a %%sd cell)")
+        images: dict = {}  # one read per init image or mask and size, however many prompts use it
         chosen = []
         for number, item in enumerate(items, start=1):
             # Mistakes name the prompt when the cell has several, or the prompt has options of its own.
@@ -277,6 +319,7 @@ class Session:
             where = f"prompt {number} ({printable(item.text, 50)!r}): " if named else ""
             try:
                 options = self._image_options(item, steps, guidance, height, width, negative, images_per_prompt)
+                options.update(self._workflow_options(item, options, init_image, mask, strength, mask_blur, images))
                 if item.seed is not None:
                     hint = f"use a non-negative integer, e.g. {example('seed', 3)}"
                     options["seed"] = _as_int("seed", item.seed, 0, MAX_SEED - options["n"] + 1, hint)
@@ -289,25 +332,30 @@ class Session:
             seed = secrets.randbelow(2**31)
         # Image i of the cell uses seed + i, so the whole cell's range must fit in 32 bits.
         seed = _as_int("seed", seed, 0, MAX_SEED - count + 1, f"use a non-negative integer, e.g. {example('seed', 3)}")
-        groups: dict[tuple[int, int, int], dict[str, list]] = {}
+        fields = ("prompts", "seeds", "negatives", "guidances", "positions", "strengths", "inits", "masks",
+                  "mask_blurs", "init_names")
+        groups: dict[tuple, dict[str, list]] = {}
         index = 0
         for item, options in chosen:
             n = options["n"]
             first = options.get("seed", seed + index)
-            group = groups.setdefault((options["steps"], options["height"], options["width"]), {
-                "prompts": [], "seeds": [], "negatives": [], "guidances": [], "positions": []})
+            chunks = max(self._weighted(item.text).chunk_count, self._weighted(options["negative"] or "").chunk_count)
+            group_key = (options["steps"], options["height"], options["width"], options["mode"], chunks, options["start"])
+            group = groups.setdefault(group_key, {name: [] for name in fields})
             for j in range(n):
                 group["prompts"].append(item.text)
                 group["seeds"].append(first + j)
                 group["negatives"].append(options["negative"])
                 group["guidances"].append(options["guidance"])
                 group["positions"].append(index + j)
+                for name, option_name in (("strengths", "strength"), ("inits", "init"), ("masks", "mask"),
+                                          ("mask_blurs", "mask_blur"), ("init_names", "init_name")):
+                    group[name].append(options[option_name])
             index += n
         return [
             GenerationRequest(
-                prompts=tuple(g["prompts"]), seeds=tuple(g["seeds"]), negatives=tuple(g["negatives"]),
-                guidances=tuple(g["guidances"]), steps=key[0], height=key[1], width=key[2],
-                seed_was_random=seed_was_random, positions=tuple(g["positions"]),
+                steps=key[0], height=key[1], width=key[2], mode=key[3], chunks=key[4], start=key[5],
+                seed_was_random=seed_was_random, **{name: tuple(values) for name, values in g.items()},
             )
             for key, g in groups.items()
         ]
@@ -339,6 +387,58 @@ class Session:
             "negative": chosen_negative.strip() if chosen_negative and chosen_negative.strip() else None,
         }
 
+    def _workflow_options(self, item: Prompt, options: dict, init_image, mask, strength, mask_blur, images: dict) -> dict:
+        """Image-to-image and inpainting: the mode, the init image and mask read and fitted to the
+        image's size, the strength and the first denoising step it gives. Checked like the rest."""
+        from . import init_images
+
+        def pick(own, default):
+            return default if own is None else own
+
+        init, mask, strength, blur = (pick(item.init, init_image), pick(item.mask, mask),
+                                      pick(item.strength, strength), pick(item.mask_blur, mask_blur))
+        if init is None:
+            for name, value in (("mask", mask), ("strength", strength), ("mask_blur", blur)):
+                if value is not None:
+                    raise SDMagicError(f"{option(name)} needs an init image: give {example('init_image', 'photo.png')}")
+            if self.model.model.inpainting:
+                raise SDMagicError(
+                    f"{printable(self.model.name, 80)} is an inpainting model: give {example('init_image', 'photo.png')}"
+                    f" and {example('mask', 'mask.png')} (white = repaint)"
+                )
+            return {"mode": "txt2img", "start": 0, "strength": None, "init": None, "mask": None,
+                    "mask_blur": None, "init_name": None}
+        mode = "img2img" if mask is None else "inpaint"
+        if mask is None and blur is not None:
+            raise SDMagicError(f"{option('mask_blur')} needs a mask: give {example('mask', 'mask.png')} (white = repaint)")
+        if mode == "img2img" and self.model.model.inpainting:
+            raise SDMagicError(
+                f"{printable(self.model.name, 80)} is an inpainting model: give {example('mask', 'mask.png')} too"
+                " (white = repaint; an all-white mask repaints everything)"
+            )
+        strength = _as_float("strength", DEFAULT_STRENGTH[mode] if strength is None else strength, 0.0, 1.0,
+                             f"e.g. {example('strength', 0.6)} (more changes the init image more)")
+        steps = options["steps"]
+        if denoising_steps(steps, strength) < 1:
+            raise SDMagicError(
+                f"{option('strength')} {strength:g} of {steps} steps runs no denoising step: use at least"
+                f" {math.ceil(1 / steps * 1000) / 1000:g}, or more {option('steps')}"
+            )
+        blur = None if mask is None else _as_int("mask_blur", 0 if blur is None else blur, 0, MAX_MASK_BLUR,
+                                                   f"e.g. {example('mask_blur', 4)}")
+        size = (options["width"], options["height"])
+        init_key = ("init", _source_key(init), size)
+        if init_key not in images:
+            images[init_key] = init_images.init_image(init, *size)
+        fitted_mask = None
+        if mask is not None:
+            mask_key = ("mask", _source_key(mask), size, blur)
+            if mask_key not in images:
+                images[mask_key] = init_images.mask_image(mask, *size, blur)
+            fitted_mask = images[mask_key]
+        return {"mode": mode, "start": self.model.sampler.first_evaluation(steps, strength), "strength": strength, "init": images[init_key],
+                "mask": fitted_mask, "mask_blur": blur, "init_name": _source_name(init)}
+
     def make_request(self, prompts, **options) -> GenerationRequest:
         """`make_requests` for prompts that share one shape (the usual case)."""
         requests = self.make_requests(prompts, **options)
@@ -346,30 +446,23 @@ class Session:
             raise SDMagicError("these prompts ask for several shapes: use make_requests")
         return requests[0]
 
-    def _tokens(self, prompt: str) -> tuple[np.ndarray, str | None]:
-        """Token ids padded to the encoder's length, and a note of what was cut (None if nothing):
-        how many tokens, and the start of the cut text (about 80 characters, at a word boundary)."""
+    def _weighted(self, prompt: str):
+        """The prompt as A1111 reads it: weighted tokens in 75-token chunks (prompt_weights), cached.
+        Beyond prompt_weights.MAX_CHUNKS chunks the rest is cut, and `.cut` says what."""
+        from . import prompt_weights
+
         if prompt not in self._token_cache:
-            tokenizer = self.model.model.tokenizer
-            limit = self.model.max_tokens
-            head = prompt[:MAX_PROMPT_CHARS]
-            ids = [tokenizer.bos_token_id, *tokenizer.encode(head), tokenizer.eos_token_id]
-            ids += [tokenizer.pad_token_id] * (limit - len(ids))
-            cut = None
-            if len(ids) > limit:
-                # The last kept position holds the end token, as the truncating tokenizer does.
-                dropped = ids[limit - 1 : -1]
-                count = f"{'over ' if len(head) < len(prompt) else ''}{len(dropped)} token{'s' if len(dropped) != 1 else ''}"
-                # Enough tokens to fill the 80 characters shown, never the whole (maybe huge) rest.
-                text = printable(tokenizer.decode(dropped[:160]).strip(), 80)
-                if len(dropped) > 160 and not text.endswith("…"):
-                    text += "…"
-                cut = f"{count} cut: {text!r}"
-                ids = ids[: limit - 1] + [ids[-1]]
             if len(self._token_cache) > 4096:
                 self._token_cache.clear()
-            self._token_cache[prompt] = (np.asarray(ids, dtype=np.int32), cut)
+            tokenizer = self.model.model.tokenizers[0]
+            self._token_cache[prompt] = prompt_weights.tokenize_weighted(prompt, tokenizer)
         return self._token_cache[prompt]
+
+    def _arrays(self, prompt: str, chunks: int) -> tuple[np.ndarray, np.ndarray]:
+        """ids int32 [E, chunks * L] (one row per tokenizer) and weights float32 [chunks * L]."""
+        from . import prompt_weights
+
+        return prompt_weights.to_arrays(self._weighted(prompt), self.model.model.tokenizers, chunks)
 
     # ------------------------------------------------------------------ compiling and running
 
@@ -384,6 +477,8 @@ class Session:
             scheduler=self.model.scheduler_name,
             dtype=self.model.dtype,
             step_progress=self.step_progress,
+            mode=request.mode,
+            chunks=request.chunks,
         )
 
     def executable(self, key: gen.ShapeKey) -> tuple[Any, float, str]:
@@ -456,49 +551,65 @@ class Session:
                                    scheduler=self.model.scheduler_name, kind="warm-up"))
         return key, seconds, source
 
-    def _check_tokens(self, request: GenerationRequest, messages: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids of every image's prompt and negative prompt; warns once per prompt that was cut."""
-        ids, cuts = zip(*(self._tokens(p) for p in request.prompts))
-        for index, (prompt, cut) in enumerate(zip(request.prompts, cuts)):
+    def _check_tokens(self, request: GenerationRequest, messages: list[str]) -> dict[str, np.ndarray]:
+        """Every image's prompt and negative prompt as ids and emphasis weights of the request's chunk
+        count; warns once per prompt that was cut (longer than the largest chunk bucket)."""
+        max_tokens = self._max_prompt_tokens()
+        for index, prompt in enumerate(request.prompts):
+            cut = self._weighted(prompt).cut
             if cut and (index == 0 or request.prompts[index - 1] != prompt):
-                messages.append(
-                    f"prompt {printable(prompt, 50)!r} is longer than the text encoder's"
-                    f" {self.model.max_tokens} tokens: {cut}"
-                )
+                messages.append(f"prompt {printable(prompt, 50)!r} is longer than the {max_tokens} tokens sdmagic reads: {cut}")
                 warnings.warn(messages[-1], PromptTruncatedWarning, stacklevel=5)
-        neg_ids, neg_cuts = zip(*(self._tokens(n or "") for n in request.negatives))
-        for negative, cut in dict(zip(request.negatives, neg_cuts)).items():
+        for negative in dict.fromkeys(request.negatives):
+            cut = self._weighted(negative or "").cut
             if cut:
                 messages.append(
-                    f"negative prompt {printable(negative, 50)!r} is longer than the text encoder's"
-                    f" {self.model.max_tokens} tokens: {cut}"
+                    f"negative prompt {printable(negative, 50)!r} is longer than the {max_tokens} tokens sdmagic reads: {cut}"
                 )
                 warnings.warn(messages[-1], PromptTruncatedWarning, stacklevel=5)
-        return np.stack(ids), np.stack(neg_ids)
+        ids, weights = zip(*(self._arrays(p, request.chunks) for p in request.prompts))
+        neg_ids, neg_weights = zip(*(self._arrays(n or "", request.chunks) for n in request.negatives))
+        return {
+            "ids": np.stack(ids), "weights": np.stack(weights),
+            "neg_ids": np.stack(neg_ids), "neg_weights": np.stack(neg_weights),
+            "neg_empty": np.asarray([n is None for n in request.negatives], dtype=bool),
+        }
+
+    def _max_prompt_tokens(self) -> int:
+        from .prompt_weights import MAX_CHUNKS, CHUNK_TOKENS
+
+        return MAX_CHUNKS * CHUNK_TOKENS
 
     def _plan_calls(self, request: GenerationRequest, key: gen.ShapeKey, messages: list[str]) -> list["_Call"]:
         """The calls that make `request`'s images: host inputs of one compiled shape each."""
-        ids, neg_ids = self._check_tokens(request, messages)
+        inputs = self._check_tokens(request, messages)
+        inputs["seeds"] = np.asarray(request.seeds, dtype=np.uint32)
+        inputs["guidance"] = np.asarray(request.guidances, dtype=np.float32)
+        if request.mode != "txt2img":
+            inputs["init"] = np.stack(request.inits)
+        if request.mode == "inpaint":
+            inputs["mask"] = np.stack(request.masks)
         count = len(request.prompts)
         calls = math.ceil(count / key.batch)
         # Padding repeats the first image's inputs; its outputs are dropped before anyone sees them.
         order = np.concatenate([np.arange(count), np.zeros(calls * key.batch - count, dtype=int)])
-        ids, neg_ids = ids[order], neg_ids[order]
-        seeds = np.asarray(request.seeds, dtype=np.uint32)[order]
-        guidance = np.asarray(request.guidances, dtype=np.float32)[order]
+        inputs = {name: x[order] for name, x in inputs.items()}
         out = []
         for c in range(calls):
             part = slice(c * key.batch, (c + 1) * key.batch)
             first = c * key.batch
-            out.append(_Call(request, key, first, min(key.batch, count - first),
-                             tuple(x[part] for x in (ids, neg_ids, seeds, guidance))))
+            call_inputs = {name: x[part] for name, x in inputs.items()}
+            if request.mode != "txt2img":
+                call_inputs["start"] = np.asarray(request.start, dtype=np.int32)
+            out.append(_Call(request, key, first, min(key.batch, count - first), call_inputs))
         return out
 
     def _start(self, call: "_Call") -> tuple:
         """Start one call on the devices; returns its (pixels, nsfw) arrays, not yet computed."""
-        inputs = [place_batch(x, self.plan) for x in call.inputs]
+        inputs = {name: place_replicated(x, self.plan) if x.ndim == 0 else place_batch(x, self.plan)
+                  for name, x in call.inputs.items()}
         with _out_of_memory_says_what_to_do(call.key, "running"):
-            return self._executables[call.key](self.params, *inputs)
+            return self._executables[call.key](self.params, inputs)
 
     def _finish(self, call: "_Call", outputs: tuple) -> tuple[np.ndarray, np.ndarray]:
         """Wait for a started call and fetch its results. The wait polls, so that Ctrl-C takes
@@ -561,7 +672,8 @@ class Session:
         step_bar = None
         if self.step_progress:
             # The loop reports steps as the devices make them: one bar across every call's steps.
-            step_bar = tqdm(total=sum(c.key.steps for c in calls), unit="step", desc="sdmagic",
+            # Image-to-image runs only the steps its strength leaves (the loop reports only those).
+            step_bar = tqdm(total=sum(c.key.steps - c.request.start for c in calls), unit="step", desc="sdmagic",
                             disable=progress is False, leave=False)
             self._step_bar = step_bar
         bar = tqdm(total=total, unit="image", desc="sdmagic", leave=False,
@@ -579,6 +691,10 @@ class Session:
                     prompt=request.prompts[i], seed=request.seeds[i], negative=request.negatives[i],
                     guidance=request.guidances[i], steps=request.steps, width=request.width,
                     height=request.height, nsfw=bool(nsfw[j]),
+                    strength=request.strengths[i] if request.strengths else None,
+                    mask_blur=request.mask_blurs[i] if request.mask_blurs else None,
+                    init=request.init_names[i] if request.init_names else None,
+                    loras=self.lora_record(),
                 )
             bar.update(call.count)
 
@@ -641,6 +757,10 @@ class Session:
         width: int | None = None,
         negative: str | None = None,
         images_per_prompt: int = 1,
+        init_image: Any = None,
+        strength: float | None = None,
+        mask: Any = None,
+        mask_blur: int | None = None,
         per_device_batch: int | None = None,
         progress: bool | None = None,
         save: str | os.PathLike | None = None,
@@ -656,6 +776,13 @@ class Session:
         `save`: a folder to write the images (PNG with A1111-style parameters) and the grid to; if
         that fails, a SaveFailedWarning says why and the images stay in the result and history.
         `cols`: the grid's columns, as shown and as saved (default: up to 4).
+        `init_image` (a path or PIL image): image-to-image. It is resized to cover the image size and
+        centre-cropped, encoded by the VAE, noised to the level `strength` selects (0 < strength <= 1,
+        default 0.75) and denoised for int(steps * strength) steps, as diffusers' img2img does.
+        `mask` (a path or PIL image, white = repaint) with `init_image`: inpainting (default strength
+        1.0), with the model's own inpainting UNet or, for an ordinary model, by blending the kept
+        region back in at every step; pixels outside the mask stay the init image's. `mask_blur`:
+        the mask's Gaussian blur radius in pixels (A1111's mask blur; default 0).
         The result is added to `history`.
         """
         requests = self.make_requests(
@@ -667,6 +794,10 @@ class Session:
             width=width,
             negative=negative,
             images_per_prompt=images_per_prompt,
+            init_image=init_image,
+            mask=mask,
+            strength=strength,
+            mask_blur=mask_blur,
         )
         # Checked before any device work, like everything in make_requests.
         per_device = self._per_device_batch(per_device_batch, self.per_device_batch)
@@ -687,7 +818,7 @@ class Session:
         """Make the image a PNG's `parameters` describe again: same prompt, seed, steps, guidance,
         size and negative prompt. The session must have the image's model and sampler loaded;
         `options` go on to `generate` (e.g. `save=`)."""
-        from .saving import read_parameters, scheduler_for
+        from .saving import lora_settings, read_parameters, scheduler_for
 
         params = read_parameters(path)
         name = printable(Path(path).name, 60)
@@ -709,6 +840,25 @@ class Session:
                 )
         if "seed" not in params:
             raise SDMagicError(f"{name} does not say its seed, so its image cannot be made again")
+        other = params.get("other", {})
+        if "Denoising strength" in other and "init_image" not in options:
+            raise SDMagicError(
+                f"{name} was made from an init image, which a PNG does not hold: give it with"
+                f" {example('init_image', 'photo.png')} (and its mask, if it was inpainted)"
+            )
+        if "Denoising strength" in other and "strength" not in options:
+            options["strength"] = _as_float("strength", other["Denoising strength"], 0.0, 1.0, "its Denoising strength")
+        if "Mask blur" in other and "mask_blur" not in options:
+            options["mask_blur"] = _as_int("mask_blur", other["Mask blur"], 0, MAX_MASK_BLUR, "its Mask blur")
+        loaded_loras = lora_settings(self.lora_record())
+        for setting in ("Lora hashes", "Lora weights"):
+            if other.get(setting) != loaded_loras.get(setting) and (setting in other or setting == "Lora hashes"):
+                made = printable(other.get(setting) or "none", 120)
+                now = printable(loaded_loras.get(setting) or "none", 120)
+                raise SDMagicError(
+                    f"{name} was made with LoRAs {made!r} ({setting}), but {now!r} are loaded:"
+                    f" {_lora_hint()} first"
+                )
         settings = {k: params[k] for k in ("seed", "steps", "guidance", "height", "width") if k in params}
         return self.generate([params["prompt"]], negative=params.get("negative"), **settings, **options)
 
@@ -725,6 +875,20 @@ class Session:
             compiled += result.compile_seconds
         shapes = "; ".join(self.shape_key(r, per_device).describe() for r in requests)
         return TimingReport(seconds, sum(len(r.prompts) for r in requests), compiled, shapes)
+
+
+def _lora_hint() -> str:
+    return "set them with %sd_lora FILE WEIGHT" if in_magic() else "set them with session.set_lora(path, weight)"
+
+
+def _source_key(source: Any) -> Any:
+    """What identifies an init image or mask within one call: a path by its text, an image by itself."""
+    return ("path", os.fspath(source)) if isinstance(source, (str, os.PathLike)) else ("object", id(source))
+
+
+def _source_name(source: Any) -> str:
+    """An init image as the record names it: a file's name, else "image"."""
+    return printable(Path(os.fspath(source)).name, 80) if isinstance(source, (str, os.PathLike)) else "image"
 
 
 def _load_hint(model: str, scheduler: str | None = None) -> str:
@@ -749,6 +913,7 @@ def setup(
     cache_dir: str | os.PathLike | None = None,
     config: str | None = None,
     trust_pickle: bool = False,
+    lora: Sequence[Any] | str | None = None,
     replacing: Session | None = None,
 ) -> Session:
     """Find the devices, load `model` and place its parameters on every device.
@@ -758,7 +923,9 @@ def setup(
     (default `$SDMAGIC_CACHE_DIR` or ~/.cache/sdmagic/compiled), so a restarted kernel does not
     compile again; `cache=False` keeps it in memory only. `config`: for a single-file checkpoint,
     the diffusers-layout folder or Hub id its configs and tokenizer come from. `trust_pickle`:
-    allow .ckpt/.bin/.pt files, read only through torch.load(weights_only=True).
+    allow .ckpt/.bin/.pt files, read only through torch.load(weights_only=True). `lora`: LoRA files
+    merged into the weights at load, each a path, "path:weight" or (path, weight) (kohya/A1111 or
+    diffusers/PEFT safetensors); `Session.set_lora` changes them later without reloading.
     `replacing` is a session to free once the new model has loaded on the host: a mistake in the
     arguments (or a model that cannot be found) leaves it untouched and usable. The new session
     keeps its history and timings.
@@ -777,10 +944,16 @@ def setup(
         model, revision=revision, dtype=dtype, scheduler=scheduler, safety_checker=safety_checker,
         config=config, trust_pickle=trust_pickle,
     )
+    single = isinstance(lora, tuple) and len(lora) == 2 and isinstance(lora[1], (int, float)) and not isinstance(lora[1], bool)
+    if isinstance(lora, (str, os.PathLike)) or single:
+        lora = [lora]
+    loras = lora_set(lora or (), loaded.params, loaded.model, trust_pickle=trust_pickle)
+    if loras.loras:
+        loaded.params = loras.with_leaves(loaded.params, loras.merged_leaves())
     configure_jax_cache(directory)
     history = timings = None
     if replacing is not None:
         history, timings = replacing.history, replacing.timings
         replacing.close()
     return Session(loaded, plan, per_device_batch=per_device_batch, executable_store=ExecutableStore(directory),
-                   history=history, timings=timings)
+                   history=history, timings=timings, loras=loras)

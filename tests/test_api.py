@@ -116,13 +116,15 @@ def test_random_seed_is_drawn_and_reported(session8):
 
 
 def test_long_prompt_warns_with_what_was_cut(session8):
-    prompt = "a very long prompt " * 8  # the tiny tokenizer is one token per character
+    # Prompts are read in 75-token chunks up to 8 of them (600 tokens); only the rest is cut.
+    prompt = "a very long prompt " * 50  # 750 tokens: the tiny tokenizer is about one token per character
     with pytest.warns(PromptTruncatedWarning, match=r"\d+ tokens cut: '"):
         result = session8.generate([prompt], seed=1, steps=STEPS)
-    assert result.warnings and "77 tokens" in result.warnings[0]
+    assert result.warnings and "600 tokens" in result.warnings[0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         session8.generate(["short"], seed=1, steps=STEPS)
+        session8.generate(["a very long prompt " * 8], seed=1, steps=STEPS)  # 152 tokens: two chunks, whole
 
 
 def test_timings_separate_compile_and_inference(session8):
@@ -312,7 +314,7 @@ def test_lms_coefficients_integrate_the_lagrange_basis():
     from sdmagic.schedulers import LMS, _lms_coefficients
 
     sigmas = np.array([14.6, 7.0, 3.1, 1.2, 0.4, 0.0])
-    coefficients = _lms_coefficients(sigmas, 5, LMS.order)
+    coefficients = _lms_coefficients(sigmas, 5, LMS.lms_order)
     assert coefficients.shape == (5, 4)
     # The basis sums to 1, so each row integrates to the step's length; step 0 is plain Euler.
     np.testing.assert_allclose(coefficients.sum(axis=1), np.diff(sigmas), rtol=1e-12)

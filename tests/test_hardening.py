@@ -277,7 +277,7 @@ def test_magic_warnings_are_one_line_without_source_echo(tiny_shell):
     with warnings.catch_warnings(), capture_output() as captured:
         warnings.simplefilter("always")
         warnings.showwarning = show
-        outcome = tiny_shell.run_cell("%%sd --seed 1\n" + "word " * 40 + "\n")
+        outcome = tiny_shell.run_cell("%%sd --seed 1\n" + "word " * 200 + "\n")  # 800 tokens: past 600
     assert outcome.error_in_exec is None
     lines = [line for line in captured.stderr.splitlines() if line.strip()]
     warning_lines = [line for line in lines if "PromptTruncatedWarning" in line]

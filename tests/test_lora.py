@@ -556,6 +556,48 @@ def test_peft_file_equals_diffusers_fuse_lora(tiny_dir, tiny_model, tmp_path):
     assert max_difference(torch_state(params, "unet"), reference["unet"]) > 1e-3
 
 
+def test_images_with_a_lora_equal_diffusers_fused_pipeline(tiny_dir, tiny_model, tmp_path):
+    """The whole point: the pictures. sdmagic's session with the LoRA merged at setup against PyTorch
+    diffusers' pipeline after load_lora_weights + fuse_lora, fed the same initial noise."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft (pip install peft)")
+    import jax.numpy as jnp
+
+    import sdmagic
+    from sdmagic.generate import initial_noise
+
+    params = tiny_model.params
+    entries, _ = kohya_entries(torch_state(params, "unet"), torch_state(params, "text_encoder"), alphas=(8.0,))
+    entries = [(m, d, u, 2.0 if d.ndim == 4 and d.shape[2] == 3 else a) for m, d, u, a in entries]
+    path = write_kohya(tmp_path / "style.safetensors", entries)
+    prompts, seed, steps, weight = ["a red fox in the snow", "a cat knight"], 21, 4, 0.7
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(tiny_dir), safety_checker=None,
+                                                             requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+    pipe.fuse_lora(lora_scale=weight)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    noise = np.asarray(initial_noise(jnp.arange(seed, seed + len(prompts), dtype=jnp.uint32), (4, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)))
+    with torch.no_grad():
+        reference = pipe(prompts, num_inference_steps=steps, guidance_scale=7.5, latents=torch.from_numpy(noise),
+                         output_type="np").images
+    reference = (np.asarray(reference) * 255).round().astype(np.int16)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lora.LoraWarning)
+        session = sdmagic.setup("tiny", lora=[(path, weight)], safety_checker=False, cache=False)
+    try:
+        ours = np.stack([np.asarray(i, np.int16) for i in session.generate(prompts, seed=seed, steps=steps).images])
+        session.set_lora(path, 0)
+        base = np.stack([np.asarray(i, np.int16) for i in session.generate(prompts, seed=seed, steps=steps).images])
+    finally:
+        session.close()
+    assert np.abs(ours - reference).max() <= 2
+    assert np.abs(base - reference).max() > 10  # the LoRA changed the pictures: not base against base
+
+
 # ---------------------------------------------------------------------------------------------- SDXL
 
 

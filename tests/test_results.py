@@ -227,7 +227,7 @@ def test_config_defaults_apply_to_every_option(tiny_shell, tmp_path):
 
 
 def test_long_prompts_and_large_grids_display_well(tiny_shell):
-    long_prompt = "an extremely detailed painting of " + "many colourful birds " * 20
+    long_prompt = "an extremely detailed painting of " + "many colourful birds " * 40  # past 600 tokens
     with pytest.warns(PromptTruncatedWarning):
         result, _ = run_cell(tiny_shell, "--seed 1 --height 128 --width 128 --n 16 --cols 16", long_prompt)
     html = result._repr_html_()
