@@ -8,10 +8,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${1:-python3.12}"
-venv="$(mktemp -d)/venv"
+# The venv (about 6 GB with torch) and the model home go when the run ends, pass or fail.
+scratch="$(mktemp -d)"
+trap 'rm -rf "$scratch"' EXIT
+venv="$scratch/venv"
 "$python" -m venv "$venv"
 "$venv/bin/pip" install -q --upgrade pip
 "$venv/bin/pip" install -q -e ".[test]" "jax>=0.12,<0.13"
 "$venv/bin/python" -c "import sys, jax; print(f'Python {sys.version.split()[0]}, jax {jax.__version__}')"
-export SDMAGIC_HOME="$(mktemp -d)/sdmagic-home"
+export SDMAGIC_HOME="$scratch/sdmagic-home"
 "$venv/bin/python" -m pytest -q -p no:cacheprovider

@@ -543,8 +543,15 @@ class Session:
         per_device_batch: int | None = None,
     ) -> tuple[gen.ShapeKey, float, str]:
         """Compile (or load) the executable for a shape now, so the first cell of it runs at once.
-        Its seconds go into the timing log (a warm-up record), as `%sd_time` reports them."""
-        request = self.make_request(["warm-up"], seed=0, steps=steps, height=height, width=width)
+        Its seconds go into the timing log (a warm-up record), as `%sd_time` reports them. An
+        inpainting model warms up its inpainting shape (it makes nothing else)."""
+        images = {}
+        if self.model.model.inpainting:
+            from PIL import Image
+
+            size = (self._size("width", width), self._size("height", height))
+            images = {"init_image": Image.new("RGB", size, "gray"), "mask": Image.new("L", size, 255)}
+        request = self.make_request(["warm-up"], seed=0, steps=steps, height=height, width=width, **images)
         key = self.shape_key(request, per_device_batch)
         _, seconds, source = self.executable(key)
         self.timings.add(RunRecord(0, seconds, 0.0, key.describe(), model=self.model.name,

@@ -581,7 +581,7 @@ def test_images_with_a_lora_equal_diffusers_fused_pipeline(tiny_dir, tiny_model,
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     noise = np.asarray(initial_noise(jnp.arange(seed, seed + len(prompts), dtype=jnp.uint32), (4, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)))
     with torch.no_grad():
-        reference = pipe(prompts, num_inference_steps=steps, guidance_scale=7.5, latents=torch.from_numpy(noise),
+        reference = pipe(prompts, num_inference_steps=steps, guidance_scale=7.5, latents=torch.from_numpy(noise.copy()),
                          output_type="np").images
     reference = (np.asarray(reference) * 255).round().astype(np.int16)
 

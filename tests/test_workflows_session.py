@@ -208,3 +208,24 @@ def test_lora_errors_leave_the_session_usable(session8, tmp_path):
     assert "\n" not in str(err.value)
     assert session8.lora_record() == ()
     assert session8.generate(["still works"], seed=1, steps=STEPS).images
+
+
+def test_an_inpainting_model_asks_for_init_and_mask_and_warms_up_its_shape(tmp_path, files):
+    from sdmagic.tiny import write_random_model
+
+    folder = write_random_model(tmp_path / "inpaint", "tiny-inpaint")
+    session = sdmagic.setup(str(folder), cache=False)
+    try:
+        with pytest.raises(SDMagicError, match="is an inpainting model: give init_image="):
+            session.generate(["a cat"], seed=1, steps=STEPS)
+        with pytest.raises(SDMagicError, match="give mask="):
+            session.generate(["a cat"], seed=1, steps=STEPS, init_image=files / "init.png")
+        key, _, source = session.warmup(steps=STEPS)
+        assert key.mode == "inpaint" and source == "compiled"
+        result = session.generate(["a cat"], seed=1, steps=STEPS, init_image=files / "init.png", mask=files / "mask.png")
+        init = np.asarray(Image.open(files / "init.png").convert("RGB"))
+        keep = np.asarray(Image.open(files / "mask.png")) == 0
+        assert np.array_equal(np.asarray(result.images[0])[keep], init[keep])
+        assert session.compiled_shapes == [key]  # the warm-up's executable made the image
+    finally:
+        session.close()
