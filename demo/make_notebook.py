@@ -122,7 +122,7 @@ cells = [
         "key = \"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_v\"\n"
         "save_file({f\"{key}.lora_down.weight\": rng.normal(0, 1, (4, 32)).astype(np.float32),\n"
         "           f\"{key}.lora_up.weight\": rng.normal(0, 1, (64, 4)).astype(np.float32),\n"
-        "           f\"{key}.alpha\": np.float32(4)}, \"output/style.safetensors\")"
+        "           f\"{key}.alpha\": np.asarray(4, np.float32)}, \"output/style.safetensors\")"
     ),
     new_code_cell("%sd_setup --model tiny --lora output/style.safetensors:0.8"),
     new_code_cell("%%sd --seed 3 --n 4\na starfinder planet landscape, concept art, 4k"),

@@ -144,9 +144,11 @@ class GenerationResult:
 
     def captions(self) -> list[str]:
         out = []
-        for prompt, seed, flagged in zip(self.prompts, self.seeds, self.nsfw):
-            note = " · blacked out by the safety checker" if flagged else ""
-            out.append(f"{shorten(prompt)} · seed {seed}{note}")
+        for info in self.info:
+            note = " · blacked out by the safety checker" if info.nsfw else ""
+            # Images made from a picture say how far from it they went.
+            made = "" if info.strength is None else f" · {'inpaint' if info.mask_blur is not None else 'img2img'} {info.strength:g}"
+            out.append(f"{shorten(info.prompt)} · seed {info.seed}{made}{note}")
         return out
 
     def grid(self, cols: int | None = None, captions: bool = True) -> Image.Image:

@@ -93,6 +93,7 @@ def test_cell_lines_take_init_mask_and_strength(tiny_shell, files):
         result = tiny_shell.run_cell_magic("sd", "--seed 4", cell)
     assert [i.strength for i in result.info] == [0.5, 1.0, None]
     assert [i.mask_blur for i in result.info] == [None, 2, None]
+    assert [c.split(" · ")[2:] for c in result.captions()] == [["img2img 0.5"], ["inpaint 1"], []]
 
 
 @pytest.mark.parametrize("options, message", [
