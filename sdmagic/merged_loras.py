@@ -123,9 +123,11 @@ def parse_lora(spec: Any) -> tuple[str, float]:
     return spec, 1.0
 
 
-def lora_set(specs: Iterable[Any], params: Any, model: Any, *, trust_pickle: bool = False) -> LoraSet:
-    """The set of LoRAs `specs` (see parse_lora) merged in order, for weights `params`."""
-    merged = LoraSet()
+def lora_set(specs: Iterable[Any], params: Any, model: Any, *, trust_pickle: bool = False,
+             start: LoraSet | None = None) -> LoraSet:
+    """The set of LoRAs `specs` (see parse_lora) merged in order, for weights `params`. `start`: an
+    empty set holding base values kept earlier (the layers in it need not be base in `params`)."""
+    merged = start or LoraSet()
     for spec in specs:
         path, weight = parse_lora(spec)
         merged = merged.with_lora(path, weight, params, model, trust_pickle=trust_pickle)

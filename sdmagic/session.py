@@ -32,7 +32,7 @@ from .prompts import Prompt
 from .saving import save_folder
 from .schedulers import denoising_steps
 from .history import History
-from .merged_loras import LoraSet, lora_set
+from .merged_loras import LoraSet, lora_set, parse_lora
 from .text import printable
 from .timing import RunRecord, TimingLog, TimingReport
 
@@ -192,6 +192,8 @@ class Session:
         # The LoRAs merged into `model.params`, with the touched weights' values before merging, so
         # that a LoRA's weight changes without reading the base model again.
         self.loras = loras if loras is not None else LoraSet()
+        self.lora_specs: list = [(m.path, m.weight) for m in self.loras.loras]
+        self.setup_options: tuple | None = None  # what `setup` loaded it with
         start = time.perf_counter()
         self.params = place_replicated(model.params, plan)
         jax.block_until_ready(self.params)
@@ -251,6 +253,18 @@ class Session:
         if self._closed:
             raise SDMagicError("this session was closed (a newer %sd_setup replaced it): use the new one")
         updated = self.loras.with_lora(path, weight, self.params, self.model.model, trust_pickle=trust_pickle)
+        self._use_loras(updated)
+        self.lora_specs = [(m.path, m.weight) for m in updated.loras]
+
+    def set_loras(self, loras: Sequence[Any], *, trust_pickle: bool = False) -> None:
+        """Make `loras` (as `setup`'s `lora=`) the merged set, in place of the ones merged now; as
+        `set_lora`, from the kept base values, without reading the model again or compiling."""
+        updated = lora_set(loras, self.params, self.model.model, trust_pickle=trust_pickle,
+                           start=LoraSet((), self.loras.base))
+        self._use_loras(updated)
+        self.lora_specs = [parse_lora(spec) for spec in loras]
+
+    def _use_loras(self, updated: LoraSet) -> None:
         placed = place_replicated(updated.merged_leaves(), self.plan)
         self.params = updated.with_leaves(self.params, placed)
         self.loras = updated
@@ -947,14 +961,22 @@ def setup(
             raise SDMagicError(
                 f"cache directory {printable(str(directory))!r} is a file: give a folder, or {example('cache', False)}"
             )
+    single = isinstance(lora, tuple) and len(lora) == 2 and isinstance(lora[1], (int, float)) and not isinstance(lora[1], bool)
+    if isinstance(lora, (str, os.PathLike)) or single:
+        lora = [lora]
+    lora = [parse_lora(spec) for spec in lora or ()]  # checked before loading
+    # Everything that decides the loaded weights but the LoRAs: equal to the session being replaced
+    # means only LoRA weights change, and the base model is not read again.
+    options = (model, revision, dtype, scheduler, safety_checker, config, trust_pickle,
+               tuple(d.id for d in plan.devices), per_device_batch, directory)
+    if replacing is not None and not replacing._closed and replacing.setup_options == options and lora != replacing.lora_specs:
+        replacing.set_loras(lora, trust_pickle=trust_pickle)
+        return replacing
     loaded = load_model(
         model, revision=revision, dtype=dtype, scheduler=scheduler, safety_checker=safety_checker,
         config=config, trust_pickle=trust_pickle,
     )
-    single = isinstance(lora, tuple) and len(lora) == 2 and isinstance(lora[1], (int, float)) and not isinstance(lora[1], bool)
-    if isinstance(lora, (str, os.PathLike)) or single:
-        lora = [lora]
-    loras = lora_set(lora or (), loaded.params, loaded.model, trust_pickle=trust_pickle)
+    loras = lora_set(lora, loaded.params, loaded.model, trust_pickle=trust_pickle)
     if loras.loras:
         loaded.params = loras.with_leaves(loaded.params, loras.merged_leaves())
     configure_jax_cache(directory)
@@ -962,5 +984,7 @@ def setup(
     if replacing is not None:
         history, timings = replacing.history, replacing.timings
         replacing.close()
-    return Session(loaded, plan, per_device_batch=per_device_batch, executable_store=ExecutableStore(directory),
-                   history=history, timings=timings, loras=loras)
+    session = Session(loaded, plan, per_device_batch=per_device_batch, executable_store=ExecutableStore(directory),
+                      history=history, timings=timings, loras=loras)
+    session.setup_options, session.lora_specs = options, lora
+    return session

@@ -230,3 +230,30 @@ def test_an_inpainting_model_asks_for_init_and_mask_and_warms_up_its_shape(tmp_p
         assert session.compiled_shapes == [key]  # the warm-up's executable made the image
     finally:
         session.close()
+
+
+def test_setup_again_with_other_lora_weights_does_not_reload(tiny_dir, tmp_path, monkeypatch, compiles):
+    import sdmagic.session as session_module
+
+    lora_file = _write_kohya_lora(tmp_path / "style.safetensors", seed=3)
+    first = sdmagic.setup("tiny", lora=[(lora_file, 0.5)], cache=False)
+    first.generate(["a cat"], seed=1, steps=STEPS)
+    fresh = sdmagic.setup("tiny", lora=[(lora_file, 1.2)], cache=False)
+    expected = _pixels(fresh.generate(["a cat"], seed=1, steps=STEPS))
+    fresh.close()
+
+    def no_reload(*args, **kwargs):
+        raise AssertionError("the base model was read again")
+
+    monkeypatch.setattr(session_module, "load_model", no_reload)
+    with compiles:
+        again = sdmagic.setup("tiny", lora=[f"{lora_file}:1.2"], cache=False, replacing=first)
+        result = again.generate(["a cat"], seed=1, steps=STEPS)
+    assert again is first and compiles.count == 0
+    assert np.array_equal(_pixels(result), expected)
+    assert len(again.history) == 2  # the same session: its history goes on
+    monkeypatch.undo()
+    # The same LoRAs again is a plain re-run of setup: that reloads (the files may have changed).
+    reloaded = sdmagic.setup("tiny", lora=[f"{lora_file}:1.2"], cache=False, replacing=again)
+    assert reloaded is not again
+    reloaded.close()
