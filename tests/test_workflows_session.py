@@ -257,3 +257,20 @@ def test_setup_again_with_other_lora_weights_does_not_reload(tiny_dir, tmp_path,
     reloaded = sdmagic.setup("tiny", lora=[f"{lora_file}:1.2"], cache=False, replacing=again)
     assert reloaded is not again
     reloaded.close()
+
+
+def test_sdxl_takes_init_images_masks_and_long_weighted_prompts(files):
+    session = sdmagic.setup("tiny-sdxl", cache=False)
+    try:
+        words = "a (red:1.3) fox " * 40  # past 75 tokens: two chunks or more, in both encoders
+        result = session.generate([words, "a hill"], seed=2, steps=STEPS, init_image=files / "init.png",
+                                  mask=files / "mask.png", strength=0.8)
+        alone = session.generate(["a hill"], seed=3, steps=STEPS, init_image=files / "init.png",
+                                 mask=files / "mask.png", strength=0.8)
+        assert np.array_equal(_pixels(result, 1), _pixels(alone))
+        init = np.asarray(Image.open(files / "init.png").convert("RGB"))
+        keep = np.asarray(Image.open(files / "mask.png")) == 0
+        assert np.array_equal(np.asarray(result.images[0])[keep], init[keep])
+        assert session._weighted(words).chunk_count >= 2 and not result.warnings
+    finally:
+        session.close()
