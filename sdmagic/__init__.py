@@ -16,7 +16,7 @@ JAX is imported on first use, so `%load_ext sdmagic` is instant.
 
 from __future__ import annotations
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "GenerationResult",

@@ -4,7 +4,7 @@ Each image is written as `NNNNN-SEED-slug.png` with a `parameters` text chunk:
 
     a red fox in the snow
     Negative prompt: blurry
-    Steps: 50, Sampler: PLMS, CFG scale: 7.5, Seed: 3, Size: 512x512, Model: CompVis/stable-diffusion-v1-4, Version: sdmagic 0.2.0
+    Steps: 50, Sampler: PLMS, CFG scale: 7.5, Seed: 3, Size: 512x512, Model: CompVis/stable-diffusion-v1-4, Version: sdmagic 0.3.0
 
 which A1111's "PNG Info", ComfyUI's loaders and the usual readers understand, and which
 `read_parameters` (and `%sd_from_png`) read back to make the same image again.
