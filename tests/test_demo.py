@@ -21,13 +21,18 @@ def test_demo_notebook_runs_and_shows_images(tmp_path):
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     results = [o for o in outputs if "<GenerationResult" in o.get("data", {}).get("text/plain", "")]
     # one prompt on every device, 8 prompts, per-line options, the image made again from its PNG,
-    # Euler a's four images
-    assert [r["data"]["text/html"].count("<figcaption") for r in results] == [8, 8, 4, 1, 4]
+    # Euler a's four images, weighted and long prompts, img2img and inpainting, LoRA at 0.8 and
+    # at 1.5, tiny-sdxl
+    assert [r["data"]["text/html"].count("<figcaption") for r in results] == [8, 8, 4, 1, 4, 2, 3, 4, 4, 4]
+    html = "".join(r["data"]["text/html"] for r in results)
+    assert "img2img 0.5" in html and "img2img 0.9" in html and "inpaint 1" in html
     assert all("image/png" in r["data"] for r in results)
     streams = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "sdmagic: 8 x cpu" in streams and "images/s" in streams and "median of 3 runs" in streams
     assert "warm-up: 8 x 64x64, 25 pndm steps" in streams and "output/saved/" in streams
     assert "model tiny (euler-a, float32" in streams
+    assert "LoRA style x0.8" in streams and "LoRA: no LoRA" in streams and "LoRA: style x1.5" in streams
+    assert "model tiny-sdxl (euler, float32" in streams
     # Quiet: no deprecation noise (sdmagic imports no upstream model code), no errors.
     assert "deprecated" not in streams and "IProgress" not in streams
     assert not [o for o in outputs if o.output_type == "error"]
