@@ -61,13 +61,24 @@ def find_devices(devices: Sequence[Any] | int | None = None) -> DevicePlan:
     return DevicePlan(devices=tuple(chosen), mesh=mesh, backend=chosen[0].platform)
 
 
+def _put_global(array: Any, sharding: NamedSharding) -> jax.Array:
+    """One global array from a host value every process holds alike (a multi-process run): each
+    process fills only its own devices' parts, from its own copy."""
+    host = np.asarray(array)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def place_replicated(tree: Any, plan: DevicePlan) -> Any:
     """Put a pytree of host arrays on every device of the plan, once each."""
+    if jax.process_count() > 1:
+        return jax.tree_util.tree_map(lambda x: _put_global(x, plan.replicated), tree)
     return jax.device_put(tree, plan.replicated)
 
 
 def place_batch(array: np.ndarray, plan: DevicePlan) -> jax.Array:
     """Split a host batch along its first axis over the plan's devices."""
+    if jax.process_count() > 1:
+        return _put_global(array, plan.batch_sharded)
     return jax.device_put(array, plan.batch_sharded)
 
 

@@ -6,7 +6,6 @@ the API, so the notebook and a script get the same checks and the same messages.
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from contextlib import contextmanager
 from dataclasses import replace
@@ -17,7 +16,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from traitlets import Bool, Float, Integer, Unicode, observe
 
 from .errors import SDMagicError, magic_style
-from .prompts import Prompt, parse_prompt_lines, split_words
+from .prompts import Prompt, prompts_of_text, split_words
 
 
 def _warning_on_one_line(message, category, filename, lineno, line=None):
@@ -55,41 +54,12 @@ def _parse(magic, line: str):
         raise UsageError(f"{err} (see %{name}? for the options)") from None
 
 
-_LINE_OPTIONS = ("--seed", "--n", "--guidance", "--negative", "--steps", "--height", "--width", "--init", "--mask",
-                 "--strength", "--mask-blur")
-
-
-class _LineOptionParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise SDMagicError(message)
-
-
-def _line_option_parser() -> argparse.ArgumentParser:
-    parser = _LineOptionParser(prog="", add_help=False, allow_abbrev=False)
-    for option in _LINE_OPTIONS:
-        parser.add_argument(option, default=None, dest=option[2:].replace("-", "_"))
-    return parser
-
-
 def _prompts_of_cell(cell: str) -> list[Prompt]:
     """The cell's prompts, each with the options written after its ' -- '."""
-    parser = _line_option_parser()
-    prompts = []
-    for number, text, options in parse_prompt_lines(cell):
-        if options is None:
-            prompts.append(Prompt(text))
-            continue
-        if not text:
-            raise UsageError(f"line {number} of the cell has options but no prompt before ' -- '")
-        try:
-            words = split_words(options)
-            parsed = vars(parser.parse_args(words))
-        except (ValueError, SDMagicError) as err:
-            raise UsageError(
-                f"line {number} of the cell: {err} (options after ' -- ' may be {', '.join(_LINE_OPTIONS)})"
-            ) from None
-        prompts.append(Prompt(text, **parsed))
-    return prompts
+    try:
+        return prompts_of_text(cell, "the cell")
+    except SDMagicError as err:
+        raise UsageError(str(err)) from None
 
 
 def _or(value, default):

@@ -10,9 +10,12 @@ A1111's emphasis and long prompts are prompt_weights.py's concern.
 
 from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import dataclass
 from typing import Any
+
+from .errors import SDMagicError
 
 # " -- " (or a trailing " --", or a "-- " that starts the line) separates a prompt from its
 # options; a "--" inside a word does not.
@@ -87,3 +90,41 @@ def split_words(text: str) -> list[str]:
             i += 1
         words.append(text[start:i])
     return words
+
+
+# The options a line may carry after ' -- ', as `--flag` (the Prompt field is the flag's name).
+LINE_OPTIONS = ("--seed", "--n", "--guidance", "--negative", "--steps", "--height", "--width", "--init", "--mask",
+                "--strength", "--mask-blur")
+
+
+class _LineOptionParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise SDMagicError(message)
+
+
+def _line_option_parser() -> argparse.ArgumentParser:
+    parser = _LineOptionParser(prog="", add_help=False, allow_abbrev=False)
+    for option in LINE_OPTIONS:
+        parser.add_argument(option, default=None, dest=option[2:].replace("-", "_"))
+    return parser
+
+
+def prompts_of_text(text: str, where: str = "the text") -> list[Prompt]:
+    """The prompts of a %%sd cell or a prompt file, each with the options written after its ' -- '.
+    Mistakes raise SDMagicError naming the line ("line 3 of the cell: ...")."""
+    parser = _line_option_parser()
+    prompts = []
+    for number, prompt, options in parse_prompt_lines(text):
+        if options is None:
+            prompts.append(Prompt(prompt))
+            continue
+        if not prompt:
+            raise SDMagicError(f"line {number} of {where} has options but no prompt before ' -- '")
+        try:
+            parsed = vars(parser.parse_args(split_words(options)))
+        except (ValueError, SDMagicError) as err:
+            raise SDMagicError(
+                f"line {number} of {where}: {err} (options after ' -- ' may be {', '.join(LINE_OPTIONS)})"
+            ) from None
+        prompts.append(Prompt(prompt, **parsed))
+    return prompts

@@ -625,6 +625,17 @@ class Session:
             out.append(_Call(request, key, first, min(key.batch, count - first), call_inputs))
         return out
 
+    def plan_calls(self, request: GenerationRequest, key: gen.ShapeKey, messages: list[str]) -> list["_Call"]:
+        """The compiled calls that make `request`'s images (public for runners such as `sdmagic run`,
+        which start them with `start_call` and read the rows their own devices hold)."""
+        return self._plan_calls(request, key, messages)
+
+    def start_call(self, call: "_Call") -> tuple:
+        """Start one planned call (its executable got first with `executable(call.key)`); returns
+        its (pixels, nsfw) global arrays, not yet computed. In a multi-process run every process
+        starts the same calls."""
+        return self._start(call)
+
     def _start(self, call: "_Call") -> tuple:
         """Start one call on the devices; returns its (pixels, nsfw) arrays, not yet computed."""
         inputs = {name: place_replicated(x, self.plan) if x.ndim == 0 else place_batch(x, self.plan)
