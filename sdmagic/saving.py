@@ -419,7 +419,7 @@ def _write_new(directory: Path, name_for, image: Image.Image, pnginfo, counter: 
         counter += 1
 
 
-def _image_pnginfo(info: Any, model: str, scheduler: str) -> PngImagePlugin.PngInfo:
+def image_pnginfo(info: Any, model: str, scheduler: str) -> PngImagePlugin.PngInfo:
     pnginfo = PngImagePlugin.PngInfo()
     pnginfo.add_text("parameters", parameters_text(info, model, scheduler))
     exact = {"kind": "image", "prompt": info.prompt, "negative": info.negative}
@@ -456,7 +456,7 @@ def save_result(result: Any, directory: str | Path) -> list[Path]:
         saved = []
         for image, info in zip(result.images, result.info):
             name = f"{info.seed}-{slug(info.prompt)}"
-            pnginfo = _image_pnginfo(info, result.model, result.scheduler)
+            pnginfo = image_pnginfo(info, result.model, result.scheduler)
             path, counter = _write_new(directory, lambda c: f"{c:05d}-{name}.png", image, pnginfo, counter)
             saved.append(path)
         grid_slug = slug(result.info[0].prompt)

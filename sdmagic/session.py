@@ -16,7 +16,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -70,7 +70,7 @@ class CompiledCodeWarning(UserWarning):
 
 
 @contextmanager
-def _out_of_memory_says_what_to_do(key: gen.ShapeKey, doing: str):
+def device_memory_errors(key: gen.ShapeKey, doing: str):
     """XLA's RESOURCE_EXHAUSTED (out of device memory) -> one line with the shape and what to try."""
     try:
         yield
@@ -527,7 +527,7 @@ class Session:
         arguments = gen.argument_specs(self.model, key, self.plan, self.params)
 
         def compile_now():
-            with _out_of_memory_says_what_to_do(key, "compiling"):
+            with device_memory_errors(key, "compiling"):
                 executable, _ = gen.compile_generate(self.model, key, self.plan, arguments, on_step=self._on_step)
             return executable
 
@@ -640,7 +640,7 @@ class Session:
         """Start one call on the devices; returns its (pixels, nsfw) arrays, not yet computed."""
         inputs = {name: place_replicated(x, self.plan) if x.ndim == 0 else place_batch(x, self.plan)
                   for name, x in call.inputs.items()}
-        with _out_of_memory_says_what_to_do(call.key, "running"):
+        with device_memory_errors(call.key, "running"):
             return self._executables[call.key](self.params, inputs)
 
     def _finish(self, call: "_Call", outputs: tuple) -> tuple[np.ndarray, np.ndarray]:
@@ -648,19 +648,26 @@ class Session:
         effect at once instead of when the devices finish (a blocking fetch holds off signals)."""
         while not all(x.is_ready() for x in outputs):
             time.sleep(0.005)
-        with _out_of_memory_says_what_to_do(call.key, "running"):
+        with device_memory_errors(call.key, "running"):
             return tuple(np.asarray(x) for x in outputs)
 
-    def _run_checked(self, call: "_Call") -> tuple[tuple[np.ndarray, np.ndarray], float]:
+    def needs_check(self, key: gen.ShapeKey) -> bool:
+        """Whether `key`'s executable came from disk and has not been seen to run yet."""
+        return key in self._unverified
+
+    def run_checked(self, call: "_Call", fetch: Callable | None = None) -> tuple[Any, float]:
         """Run the first call of an executable loaded from disk and wait for it; if it fails, replace
-        the executable by a fresh compile and run again. Returns the results and compile seconds."""
+        the executable by a fresh compile and run again. Returns the results and compile seconds.
+        `fetch(call, outputs)` waits for and reads the outputs (default: the whole batch, as a cell
+        does; a multi-process runner reads only its own rows)."""
+        fetch = fetch or self._finish
         try:
-            results = self._finish(call, self._start(call))
+            results = fetch(call, self._start(call))
         except SDMagicError:
             raise
         except Exception as err:  # noqa: BLE001 - whatever a broken file does, a fresh compile fixes it
             _, seconds = self._replace_broken(call.key, err)
-            return self._finish(call, self._start(call)), seconds
+            return fetch(call, self._start(call)), seconds
         # Seen to run. (A Ctrl-C during the check leaves it unchecked, for the next cell to check.)
         self._unverified.discard(call.key)
         return results, 0.0
@@ -732,10 +739,10 @@ class Session:
 
         try:
             for call in calls:
-                if call.key in self._unverified:
+                if self.needs_check(call.key):
                     while in_flight:
                         collect(*self._finish_first(in_flight))
-                    results, seconds = self._run_checked(call)
+                    results, seconds = self.run_checked(call)
                     compile_seconds += seconds
                     collect(call, results)
                     continue
