@@ -565,6 +565,10 @@ def run_prompts(
             _run_calls(session, out, requests, planned, todo, runs, setup_digest,
                        lambda: _Progress(len(todo), first and progress, quiet, say), say)
             if todo else (0, 0.0))
+        if processes > 1:
+            # Every process reports what it wrote: a peer that died or failed becomes the watchdog's
+            # one-line error here, not a summary that counts images nobody wrote.
+            _multihost().gather(written)
         return RunSummary(out=out, images=len(planned), made=len(todo), skipped=skipped, written_here=written,
                           seconds=time.perf_counter() - start, compile_seconds=compile_seconds,
                           devices=session.plan.count, processes=processes)

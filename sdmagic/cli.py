@@ -5,7 +5,9 @@ choose the model, the %%sd options the images, and the prompt file reads exactly
 The work is `sdmagic.batch_run.run_prompts`; this module parses, reads the file and reports.
 
 Exit status: 0 done; 2 a mistake (one line on stderr saying what to do, no traceback);
-130 interrupted (Ctrl-C) or 143 terminated (SIGTERM): run the same command again to go on.
+130 interrupted (Ctrl-C) or 143 terminated (SIGTERM); 75 (several processes) another process
+stopped or cannot be reached: run the same command again to go on. An error in one process of a
+multi-process run stops the others at once (multihost.abandon).
 """
 
 from __future__ import annotations
@@ -278,17 +280,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
     except SDMagicError as err:
         print(f"sdmagic run: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        return _abandon(2)
     except KeyboardInterrupt:
         print("sdmagic run: interrupted; run the same command again to go on (finished images are kept)", file=sys.stderr)
-        return 130
+        return _abandon(130)
     except _Terminated:
         print("sdmagic run: terminated; run the same command again to go on (finished images are kept)", file=sys.stderr)
-        return 143
+        return _abandon(143)
     finally:
         warnings.formatwarning = previous_format
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
+
+
+def _abandon(status: int) -> int:
+    """`status`, after telling the other processes of a multi-process run that this one ends, so
+    they stop at once with one line instead of running on alone (multihost.abandon does not return
+    then). A single process just returns it."""
+    multihost = sys.modules.get("sdmagic.multihost")
+    if multihost is not None:
+        multihost.abandon(status)
+    return status
 
 
 if __name__ == "__main__":

@@ -50,6 +50,11 @@ def find_devices(devices: Sequence[Any] | int | None = None) -> DevicePlan:
     if devices is None:
         chosen = list(available)
     elif isinstance(devices, int):
+        if jax.process_count() > 1:
+            raise SDMagicError(
+                f"devices={devices} picks devices of one process, but {jax.process_count()} processes run together:"
+                " leave it out, and every process's devices are used"
+            )
         if not 1 <= devices <= len(available):
             raise SDMagicError(f"asked for {devices} devices but {len(available)} are available")
         chosen = list(available[:devices])
@@ -90,7 +95,9 @@ def default_per_device_batch(plan: DevicePlan) -> int:
     kept busy by batch alone: 8 images with 40 GiB or more (A100, H100, H200), 4 with 20 GiB,
     2 with 10 GiB, else 1. Sized for SD 1.x/2.x at their native sizes in bfloat16.
     """
-    device = plan.devices[0]
+    # This process's first device: another process's cannot be asked for its memory, and every
+    # process must pick the same batch (hosts of one run have the same accelerators).
+    device = next((d for d in plan.devices if d.process_index == jax.process_index()), plan.devices[0])
     if plan.backend == "tpu":
         kind = getattr(device, "device_kind", "").lower()
         return 1 if ("v2" in kind or "v3" in kind) else 2

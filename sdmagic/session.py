@@ -695,6 +695,11 @@ class Session:
         `progress`: a bar across calls (tqdm.auto: a widget in Jupyter, text in a terminal), shown
         from the start, by default when there is more than one call. `cols`: the grid's columns.
         """
+        if jax.process_count() > 1:
+            raise SDMagicError(
+                "generate gathers every image to this process, which a run of several processes cannot:"
+                " use `sdmagic run PROMPTS --out DIR`, where each process writes its own images"
+            )
         keys = [self.shape_key(r, per_device_batch) for r in requests]
         compile_seconds, compiled_from = 0.0, "memory"
         for key in keys:
