@@ -97,7 +97,7 @@ def default_per_device_batch(plan: DevicePlan) -> int:
     """
     # This process's first device: another process's cannot be asked for its memory, and every
     # process must pick the same batch (hosts of one run have the same accelerators).
-    device = next((d for d in plan.devices if d.process_index == jax.process_index()), plan.devices[0])
+    device = next((d for d in plan.devices if getattr(d, "process_index", 0) == jax.process_index()), plan.devices[0])
     if plan.backend == "tpu":
         kind = getattr(device, "device_kind", "").lower()
         return 1 if ("v2" in kind or "v3" in kind) else 2
