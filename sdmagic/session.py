@@ -192,7 +192,6 @@ class Session:
         # The LoRAs merged into `model.params`, with the touched weights' values before merging, so
         # that a LoRA's weight changes without reading the base model again.
         self.loras = loras if loras is not None else LoraSet()
-        self.lora_specs: list = [(m.path, m.weight) for m in self.loras.loras]
         self.setup_options: tuple | None = None  # what `setup` loaded it with
         start = time.perf_counter()
         self.params = place_replicated(model.params, plan)
@@ -241,6 +240,11 @@ class Session:
 
     # ------------------------------------------------------------------ LoRA
 
+    @property
+    def lora_specs(self) -> list[tuple[str, float]]:
+        """(path, weight) of each merged LoRA, as `setup`'s `lora=` takes them."""
+        return [(m.path, m.weight) for m in self.loras.loras]
+
     def lora_record(self) -> tuple:
         """(name, weight, short hash) of each LoRA in the weights, as images record them."""
         return self.loras.record()
@@ -254,7 +258,6 @@ class Session:
             raise SDMagicError("this session was closed (a newer %sd_setup replaced it): use the new one")
         updated = self.loras.with_lora(path, weight, self.params, self.model.model, trust_pickle=trust_pickle)
         self._use_loras(updated)
-        self.lora_specs = [(m.path, m.weight) for m in updated.loras]
 
     def set_loras(self, loras: Sequence[Any], *, trust_pickle: bool = False) -> None:
         """Make `loras` (as `setup`'s `lora=`) the merged set, in place of the ones merged now; as
@@ -262,7 +265,6 @@ class Session:
         updated = lora_set(loras, self.params, self.model.model, trust_pickle=trust_pickle,
                            start=LoraSet((), self.loras.base))
         self._use_loras(updated)
-        self.lora_specs = [parse_lora(spec) for spec in loras]
 
     def _use_loras(self, updated: LoraSet) -> None:
         placed = place_replicated(updated.merged_leaves(), self.plan)
@@ -1009,5 +1011,5 @@ def setup(
         replacing.close()
     session = Session(loaded, plan, per_device_batch=per_device_batch, executable_store=ExecutableStore(directory),
                       history=history, timings=timings, loras=loras)
-    session.setup_options, session.lora_specs = options, lora
+    session.setup_options = options
     return session
